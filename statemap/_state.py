@@ -1,0 +1,215 @@
+"""Mutable state boxes and the thread-local stack of contexts that watch them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+__all__ = [
+    "HiddenState",
+    "LongTermState",
+    "ParamState",
+    "ShortTermState",
+    "State",
+    "describe",
+]
+
+
+class Watcher(Protocol):
+    """Something that is told about every state touched while it is active."""
+
+    def touch(self, state: State, write: bool) -> None: ...
+
+    def created(self, state: State) -> None: ...
+
+
+class _Watchers(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Watcher] = []
+        self.top: Watcher | None = None
+
+
+_watchers = _Watchers()
+
+
+def push_watcher(watcher: Watcher) -> Watcher | None:
+    """Make ``watcher`` the innermost watcher of this thread; return its parent."""
+    parent = _watchers.top
+    _watchers.stack.append(watcher)
+    _watchers.top = watcher
+    return parent
+
+
+def pop_watcher(watcher: Watcher) -> None:
+    """Remove ``watcher``, which must be the innermost watcher of this thread."""
+    if _watchers.top is not watcher:
+        raise RuntimeError(
+            "statemap: state watchers (StateTrace or a mapping's trace) must be "
+            "exited in the reverse order they were entered."
+        )
+    _watchers.stack.pop()
+    _watchers.top = _watchers.stack[-1] if _watchers.stack else None
+
+
+def current_watcher() -> Watcher | None:
+    """The innermost watcher of this thread, or None."""
+    return _watchers.top
+
+
+def _check_value(owner: str, value: Any) -> None:
+    for leaf in jax.tree.leaves(value):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
+            raise TypeError(
+                f"statemap.{owner}: `value` must be a pytree of arrays, but it has a leaf "
+                f"of type {type(leaf).__name__}: {leaf!r}. Wrap numbers with "
+                f"`jnp.asarray(...)` or keep non-array data outside the state."
+            )
+
+
+def _leaf_summary(leaf: Any) -> str:
+    shape = getattr(leaf, "shape", ())
+    dtype = getattr(leaf, "dtype", type(leaf).__name__)
+    return f"{dtype}{list(shape)}"
+
+
+class State:
+    """A mutable box around a pytree of arrays that mapped functions may read and write.
+
+    A ``State`` is an identity, not a pytree: filters, traces and mapping plans
+    refer to the object itself. Read and write it through ``.value``.
+
+    Args:
+      value: a pytree of arrays (or numbers).
+      tag: an optional string that ``statemap.filters.WithTag`` (or a bare
+        string filter) selects on.
+      name: an optional name, used in messages and as the state's path.
+
+    Raises:
+      TypeError: if ``value`` has a non-array leaf, or ``tag``/``name`` is not a str.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> w = statemap.State(jnp.zeros(3), name='w')
+      >>> w.value = w.value + 1
+      >>> w
+      State(name='w', value=float32[3])
+      >>> w.value
+      Array([1., 1., 1.], dtype=float32)
+    """
+
+    __slots__ = ("_value", "tag", "name", "__weakref__")
+
+    def __init__(self, value: Any, *, tag: str | None = None, name: str | None = None):
+        kind = type(self).__name__
+        for arg, given in (("tag", tag), ("name", name)):
+            if given is not None and not isinstance(given, str):
+                raise TypeError(
+                    f"statemap.{kind}: `{arg}` must be a str or None, got "
+                    f"{type(given).__name__}: {given!r}."
+                )
+        _check_value(kind, value)
+        self._value = value
+        self.tag = tag
+        self.name = name
+        watcher = _watchers.top
+        if watcher is not None:
+            watcher.created(self)
+
+    @property
+    def value(self) -> Any:
+        """The current value; reading it is recorded by any active trace."""
+        watcher = _watchers.top
+        if watcher is not None:
+            watcher.touch(self, False)
+        return self._value
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        _check_value(f"{type(self).__name__}.value", value)
+        watcher = _watchers.top
+        if watcher is not None:
+            watcher.touch(self, True)
+        self._value = value
+
+    def __repr__(self) -> str:
+        fields = []
+        if self.name is not None:
+            fields.append(f"name={self.name!r}")
+        if self.tag is not None:
+            fields.append(f"tag={self.tag!r}")
+        summary = jax.tree.map(_leaf_summary, self._value)
+        shown = summary if isinstance(summary, str) else str(summary).replace("'", "")
+        fields.append(f"value={shown}")
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+
+class ParamState(State):
+    """A trainable parameter.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> statemap.ParamState(jnp.ones((2, 3)), name='w')
+      ParamState(name='w', value=float32[2, 3])
+    """
+
+    __slots__ = ()
+
+
+class ShortTermState(State):
+    """State that lives for one episode or sequence, such as a counter.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> statemap.ShortTermState(jnp.zeros(()), tag='counter')
+      ShortTermState(tag='counter', value=float32[])
+    """
+
+    __slots__ = ()
+
+
+class LongTermState(State):
+    """State that persists across episodes, such as running statistics.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> statemap.LongTermState(jnp.zeros(4), name='running_mean')
+      LongTermState(name='running_mean', value=float32[4])
+    """
+
+    __slots__ = ()
+
+
+class HiddenState(State):
+    """A recurrent hidden variable, often split across the mapped axis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> statemap.HiddenState(jnp.zeros((8, 16)), name='h')
+      HiddenState(name='h', value=float32[8, 16])
+    """
+
+    __slots__ = ()
+
+
+def describe(state: State) -> str:
+    """A short description for messages: type, name or tag, and shape."""
+    label = f"{type(state).__name__}"
+    if state.name is not None:
+        label += f" {state.name!r}"
+    elif state.tag is not None:
+        label += f" tagged {state.tag!r}"
+    leaves = jax.tree.leaves(state._value)
+    if len(leaves) == 1 and jax.tree.structure(state._value).num_leaves == 1 and not isinstance(
+        state._value, (list, tuple, dict)
+    ):
+        return f"{label} (shape {tuple(np.shape(leaves[0]))})"
+    shapes = jax.tree.map(lambda x: tuple(np.shape(x)), state._value)
+    return f"{label} (shapes {shapes})"
