@@ -1,0 +1,38 @@
+"""statemap: JAX's mapping transforms for functions that read and write mutable state."""
+
+from . import errors as errors
+from . import filters as filters
+from . import random as random
+from ._mapping import StatefulMapping as StatefulMapping
+from ._random import RandomState as RandomState
+from ._state import HiddenState as HiddenState
+from ._state import LongTermState as LongTermState
+from ._state import ParamState as ParamState
+from ._state import ShortTermState as ShortTermState
+from ._state import State as State
+from ._trace import StateTrace as StateTrace
+from ._vmap import VMapMapping as VMapMapping
+from ._vmap import vmap as vmap
+from .errors import BatchAxisError as BatchAxisError
+from .errors import StatemapError as StatemapError
+
+vmap2 = vmap
+
+__all__ = [
+    "BatchAxisError",
+    "HiddenState",
+    "LongTermState",
+    "ParamState",
+    "RandomState",
+    "ShortTermState",
+    "State",
+    "StateTrace",
+    "StatefulMapping",
+    "StatemapError",
+    "VMapMapping",
+    "errors",
+    "filters",
+    "random",
+    "vmap",
+    "vmap2",
+]

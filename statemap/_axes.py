@@ -1,0 +1,103 @@
+"""Axis specs: validating and normalising in/out axes and state axes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import jax
+
+from ._filters import to_predicate
+from ._state import State
+
+__all__ = [
+    "StateAxes",
+    "axis_in_range",
+    "check_axes_tree",
+    "leaf_axes",
+    "lane_aval",
+]
+
+Predicate = Callable[[tuple, State], bool]
+
+
+def _is_axis(x: Any) -> bool:
+    return x is None or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def check_axes_tree(api: str, argname: str, axes: Any) -> None:
+    """Check that ``axes`` is an int, None, or a pytree of those."""
+    leaves = jax.tree.leaves(axes, is_leaf=lambda x: x is None)
+    bad = [x for x in leaves if not _is_axis(x)]
+    if bad:
+        raise TypeError(
+            f"{api}: `{argname}` must be an int, None, or a pytree of ints and None "
+            f"(as in jax.vmap), but it contains {bad[0]!r} ({type(bad[0]).__name__})."
+        )
+
+
+def leaf_axes(api: str, argname: str, axes: Any, tree: Any, what: str) -> list[int | None]:
+    """Broadcast the pytree prefix ``axes`` to one axis per leaf of ``tree``."""
+    try:
+        per_leaf = jax.tree.map(
+            lambda axis, sub: [axis] * len(jax.tree.leaves(sub)),
+            axes,
+            tree,
+            is_leaf=lambda x: x is None,
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"{api}: `{argname}` {axes!r} is not a pytree prefix of the {what} "
+            f"(structure {jax.tree.structure(tree)}). Give one axis per {what[:-1]} "
+            f"or an int for all. JAX said: {err}"
+        ) from None
+    return [a for group in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)) for a in group]
+
+
+def axis_in_range(axis: int, ndim: int) -> int | None:
+    """``axis`` made non-negative for an array of rank ``ndim``, or None if out of range."""
+    return axis + ndim if -ndim <= axis < 0 else (axis if 0 <= axis < ndim else None)
+
+
+def lane_aval(x: Any, axis: int | None) -> Any:
+    """The abstract value one lane sees of ``x`` mapped on ``axis`` (None: all of it)."""
+    aval = jax.typeof(x)
+    if axis is None:
+        return aval
+    return aval.update(shape=aval.shape[:axis] + aval.shape[axis + 1 :])
+
+
+@attrs.frozen
+class StateAxes:
+    """A normalised ``state_in_axes``/``state_out_axes``: (axis, predicate) pairs, first match wins."""
+
+    entries: tuple[tuple[int | None, Predicate], ...]
+
+    @classmethod
+    def parse(cls, api: str, argname: str, spec: Any) -> StateAxes:
+        """Read ``{axis: filter}`` or a bare filter (``{0: filter}``); None selects nothing."""
+        if spec is None:
+            return cls(())
+        if not isinstance(spec, Mapping):
+            spec = {0: spec}
+        entries = []
+        for axis, filt in spec.items():
+            if not _is_axis(axis):
+                raise TypeError(
+                    f"{api}: `{argname}` keys must be ints or None, got {axis!r} "
+                    f"({type(axis).__name__}). Write `{argname}={{0: filter}}`."
+                )
+            try:
+                entries.append((axis, to_predicate(filt)))
+            except TypeError as err:
+                raise TypeError(f"{api}: `{argname}` for axis {axis!r}: {err}") from None
+        return cls(tuple(entries))
+
+    def match(self, state: State) -> tuple[bool, int | None]:
+        """(selected, axis) for ``state``: the first entry whose filter selects it."""
+        path = () if state.name is None else (state.name,)
+        for axis, predicate in self.entries:
+            if predicate(path, state):
+                return True, axis
+        return False, None

@@ -1,0 +1,149 @@
+"""One call's arguments: static/dynamic split, flat leaves, signature, axes."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from ._axes import axis_in_range, lane_aval, leaf_axes
+from ._catalogue import SizeSources
+from ._jax_internals import fast_aval
+
+if TYPE_CHECKING:
+    from ._mapping import StatefulMapping
+
+__all__ = ["Call"]
+
+
+def _arg_name(path: Sequence[Any], positions: Sequence[int]) -> str:
+    """``args[2]['w']`` or ``kwargs['x']`` for a path into ``(dynamic_args, kwargs)``."""
+    head, rest = path[0].idx, jax.tree_util.keystr(tuple(path[2:]))
+    if head == 0:
+        return f"args[{positions[path[1].idx]}]{rest}"
+    return f"kwargs[{path[1].key!r}]{rest}"
+
+
+class Call:
+    """The arguments of one call, flattened; plan-time facts are computed on demand."""
+
+    def __init__(self, mapping: StatefulMapping, args: tuple, kwargs: dict[str, Any]):
+        self.mapping = mapping
+        self.num_args = len(args)
+        self.statics = _statics(mapping, args)
+        static_positions = {i for i, _ in self.statics}
+        self.positions = [i for i in range(len(args)) if i not in static_positions]
+        self.dynamic = tuple(args[i] for i in self.positions)
+        self.leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
+        try:
+            avals = tuple(map(fast_aval, self.leaves))
+        except TypeError:
+            raise self._non_array_error() from None
+        self.key: Hashable = (self.treedef, self.statics, avals)
+
+    def rebuild(self, leaves: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Positional and keyword arguments with ``leaves`` in place of the flat leaves."""
+        dynamic, kwargs = jax.tree.unflatten(self.treedef, leaves)
+        args: list[Any] = [None] * self.num_args
+        for i, value in zip(self.positions, dynamic):
+            args[i] = value
+        for i, value in self.statics:
+            args[i] = value
+        return args, kwargs
+
+    @cached_property
+    def _paths(self) -> list[str]:
+        paths = jax.tree_util.tree_flatten_with_path((self.dynamic, self.rebuild(self.leaves)[1]))[0]
+        return [_arg_name(path, self.positions) for path, _ in paths]
+
+    @cached_property
+    def sizes(self) -> SizeSources:
+        """The axis size the mapped arguments imply (filled in by ``leaf_axes``)."""
+        sizes = SizeSources(self.mapping.api)
+        for name, axis, leaf in zip(self._paths, self.leaf_axes, self.leaves):
+            if axis is not None:
+                sizes.add(f"argument {name}", axis, leaf)
+        return sizes
+
+    @cached_property
+    def leaf_axes(self) -> list[int | None]:
+        """One non-negative axis (or None) per flat leaf, from ``in_axes``; kwargs use 0."""
+        api, in_axes = self.mapping.api, self.mapping.in_axes
+        if isinstance(in_axes, (tuple, list)):
+            if len(in_axes) != self.num_args:
+                raise ValueError(
+                    f"{api}: `in_axes` has {len(in_axes)} entries but the function was "
+                    f"called with {self.num_args} positional arguments. Give one entry "
+                    f"per positional argument, or an int for all."
+                )
+            in_axes = tuple(in_axes[i] for i in self.positions)
+        axes = leaf_axes(api, "in_axes", in_axes, self.dynamic, "positional arguments")
+        axes += [0] * (len(self.leaves) - len(axes))
+        return [self._checked(name, axis, leaf) for name, axis, leaf in zip(self._paths, axes, self.leaves)]
+
+    @cached_property
+    def lane_avals(self) -> list[Any]:
+        """What one lane sees of each leaf."""
+        return [lane_aval(x, a) for x, a in zip(self.leaves, self.leaf_axes)]
+
+    @cached_property
+    def donated_leaves(self) -> tuple[int, ...]:
+        """Flat positions of the leaves of the arguments in ``donate_argnums``."""
+        donate = {i % max(self.num_args, 1) for i in self.mapping.donate_argnums}
+        out, pos = [], 0
+        for i, arg in zip(self.positions, self.dynamic):
+            n = len(jax.tree.leaves(arg))
+            if i in donate:
+                out += range(pos, pos + n)
+            pos += n
+        return tuple(out)
+
+    def _checked(self, name: str, axis: int | None, leaf: Any) -> int | None:
+        if axis is None:
+            return None
+        ndim = jax.numpy.ndim(leaf)
+        fixed = axis_in_range(axis, ndim)
+        if fixed is None:
+            raise ValueError(
+                f"{self.mapping.api}: `in_axes` maps argument {name} (shape "
+                f"{tuple(jax.numpy.shape(leaf))}) on axis {axis}, which is out of range. "
+                f"Use an axis in [{-ndim}, {ndim}), or None to broadcast it."
+            )
+        return fixed
+
+    def _non_array_error(self) -> TypeError:
+        for name, leaf in zip(self._paths, self.leaves):
+            try:
+                jax.typeof(leaf)
+            except TypeError:
+                return TypeError(
+                    f"{self.mapping.api}: argument {name} is a {type(leaf).__name__} "
+                    f"({leaf!r}), not an array. Pass arrays (or pytrees of arrays); close "
+                    f"over other values, or mark the argument static "
+                    f"(`static_broadcasted_argnums` in pmap)."
+                )
+        return TypeError(f"{self.mapping.api}: an argument is not an array.")
+
+
+def _statics(mapping: StatefulMapping, args: tuple) -> tuple[tuple[int, Any], ...]:
+    statics = []
+    for i in mapping.static_argnums:
+        if not -len(args) <= i < len(args):
+            raise ValueError(
+                f"{mapping.api}: `static_broadcasted_argnums` names argument {i}, but the "
+                f"function was called with {len(args)} positional arguments."
+            )
+        position = i % len(args)
+        try:
+            hash(args[position])
+        except TypeError:
+            raise TypeError(
+                f"{mapping.api}: static argument args[{position}] is a "
+                f"{type(args[position]).__name__}, which is not hashable; static arguments "
+                f"are compile-time constants and must be hashable (use a tuple, not a list)."
+            ) from None
+        statics.append((position, args[position]))
+    return tuple(sorted(statics, key=lambda s: s[0]))
+

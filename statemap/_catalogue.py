@@ -1,0 +1,138 @@
+"""The catalogue of states one lane trace reads, writes and creates."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import jax
+import numpy as np
+
+from ._axes import StateAxes, axis_in_range, lane_aval
+from ._random import RandomState, is_key
+from ._state import State, Watcher, describe
+from .errors import BatchAxisError
+
+__all__ = ["Entry", "LaneRecorder", "SizeSources", "StateIn"]
+
+
+class Entry(enum.Enum):
+    """How a state's value enters a lane."""
+
+    SPLIT = "split"
+    BROADCAST = "broadcast"
+    LANE_KEY = "per-lane key"
+
+
+@attrs.frozen
+class StateIn:
+    """How one input state enters: split, broadcast or per-lane key, with per-leaf axes."""
+
+    entry: Entry
+    axis: int | None
+    leaf_axes: tuple[int | None, ...]
+    treedef: Any
+
+
+@attrs.define
+class SizeSources:
+    """Everything that fixes the axis size, for one call; conflicts list each source."""
+
+    api: str
+    size: int | None = None
+    origin: str | None = None
+    seen: list[str] = attrs.field(factory=list)
+
+    def add(self, origin: str, axis: int, leaf: Any) -> None:
+        """Record that ``origin`` maps ``leaf`` on ``axis``; raise if sizes disagree."""
+        shape = tuple(np.shape(leaf))
+        size = shape[axis]
+        self.seen.append(f"  * {origin} has axis {axis} of size {size} (shape {shape}, dtype {leaf.dtype})")
+        if self.size is None:
+            self.size, self.origin = size, f"{origin}, axis {axis}"
+        elif size != self.size:
+            bullets = "\n".join(self.seen)
+            raise ValueError(
+                f"{self.api} got inconsistent sizes for the mapped axis:\n{bullets}\n"
+                f"Make every mapped argument and split state the same size along its mapped axis."
+            )
+
+
+class LaneRecorder(Watcher):
+    """Watches the lane trace: each state first touched becomes a lane input."""
+
+    def __init__(
+        self,
+        api: str,
+        state_in_axes: StateAxes,
+        sizes: SizeSources,
+        parent: Watcher | None,
+    ):
+        self.api = api
+        self.state_in_axes = state_in_axes
+        self.sizes = sizes
+        self.parent = parent
+        self.new_input: Callable[[Any], Any] | None = None
+        self.inputs: dict[State, StateIn] = {}
+        self.before: dict[State, Any] = {}
+        self.written: dict[State, None] = {}
+        self.made: dict[State, None] = {}
+
+    def touch(self, state: State, write: bool) -> None:
+        if state in self.made:
+            return
+        if state not in self.inputs:
+            if self.parent is not None:
+                self.parent.touch(state, write)
+            self._enter(state)
+        if write:
+            self.written[state] = None
+
+    def created(self, state: State) -> None:
+        if self.parent is not None:
+            self.parent.created(state)
+        self.made[state] = None
+
+    def restore(self) -> None:
+        """Put every input state back to its value from before the trace."""
+        for state, value in self.before.items():
+            state._value = value
+
+    def _entry(self, state: State) -> tuple[Entry, int | None]:
+        selected, axis = self.state_in_axes.match(state)
+        if selected and axis is not None:
+            return Entry.SPLIT, axis
+        if isinstance(state, RandomState) and not selected:
+            if not is_key(state._value):
+                raise TypeError(
+                    f"{self.api}: {describe(state)} does not hold a PRNG key, so it cannot "
+                    f"give each lane its own key. Reseed it with `state.seed(0)`."
+                )
+            return Entry.LANE_KEY, None
+        return Entry.BROADCAST, None
+
+    def _enter(self, state: State) -> None:
+        entry, axis = self._entry(state)
+        leaves, treedef = jax.tree.flatten(state._value)
+        leaf_axes = tuple(self._split_axis(state, axis, leaf) for leaf in leaves)
+        assert self.new_input is not None
+        tracers = [self.new_input(lane_aval(x, a)) for x, a in zip(leaves, leaf_axes)]
+        self.inputs[state] = StateIn(entry, axis, leaf_axes, treedef)
+        self.before[state] = state._value
+        state._value = jax.tree.unflatten(treedef, tracers)
+
+    def _split_axis(self, state: State, axis: int | None, leaf: Any) -> int | None:
+        if axis is None:
+            return None
+        ndim = np.ndim(leaf)
+        fixed = axis_in_range(axis, ndim)
+        if fixed is None:
+            raise BatchAxisError(
+                f"{self.api}: `state_in_axes` splits {describe(state)} on axis {axis}, "
+                f"which is out of range for a value of rank {ndim}. Use an axis in "
+                f"[{-ndim}, {ndim}), or leave the state out of `state_in_axes` to broadcast it."
+            )
+        self.sizes.add(describe(state), fixed, leaf)
+        return fixed

@@ -1,0 +1,389 @@
+"""StatefulMapping: the engine every stateful mapping shares."""
+
+from __future__ import annotations
+
+import abc
+import copy
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import attrs
+import jax
+
+from ._axes import StateAxes, check_axes_tree, leaf_axes
+from ._cache import PlanCache
+from ._call import Call
+from ._catalogue import Entry, LaneRecorder
+from ._explain import Explanation
+from ._jax_internals import trace_lane
+from ._plan import Exit, Plan, StalePlan
+from ._planner import (
+    LaneOutputs,
+    decide_outputs,
+    make_lane_fn,
+    normalise_out_axes,
+    probe_batched,
+    state_in_axes_per_leaf,
+)
+from ._policy import PolicyName, WritePolicy
+from ._state import State, current_watcher, pop_watcher, push_watcher
+from .errors import BatchAxisError
+
+__all__ = ["MISSING", "MapSpec", "StatefulMapping"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""The default of ``fn`` in ``vmap``/``pmap``: without a function they return a decorator."""
+
+# One call at a time: two threads writing the same state must not interleave.
+_CALL_LOCK = threading.RLock()
+
+
+@attrs.frozen
+class MapSpec:
+    """What a subclass's ``_map`` hook receives.
+
+    Attributes:
+      lane_fn: ``lane_fn(lane_index, *inputs) -> list of outputs`` for one lane;
+        ``lane_index`` is the lane's position (an int32 scalar, traced).
+      in_axes: one axis (or None) per flat input.
+      out_axes: one axis (or None: the same on every lane) per flat output.
+      axis_size: the number of lanes.
+      axis_name: the name collectives in the function use.
+      donated: positions of inputs whose buffers may be donated.
+    """
+
+    lane_fn: Callable[..., list[Any]]
+    in_axes: tuple[int | None, ...]
+    out_axes: list[int | None]
+    axis_size: int
+    axis_name: Hashable
+    donated: tuple[int, ...] = ()
+
+
+class StatefulMapping(abc.ABC):
+    """A JAX mapping transform over a function that reads and writes ``State`` objects.
+
+    The base owns everything shared: validating the axis specs and write policy,
+    tracing the function once per call signature to catalogue the states it
+    touches, the plan cache, batched-ness and policy decisions, per-lane keys,
+    and the all-or-nothing write-back. A subclass supplies three hooks:
+    ``_map`` (the primitive), ``_resolve_axis_size`` (defaults and limits) and,
+    optionally, ``_lane_key`` (how a lane derives its key).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import statemap
+      >>> class SequentialMapping(statemap.StatefulMapping):
+      ...     api = 'SequentialMapping'
+      ...     def _map(self, spec):
+      ...         def run(*inputs):
+      ...             def one(i):
+      ...                 picked = [x if a is None else jnp.take(x, i, axis=a)
+      ...                           for x, a in zip(inputs, spec.in_axes)]
+      ...                 return spec.lane_fn(i, *picked)
+      ...             outs = jax.lax.map(one, jnp.arange(spec.axis_size))
+      ...             return [o[0] if a is None else jnp.moveaxis(o, 0, a)
+      ...                     for o, a in zip(outs, spec.out_axes)]
+      ...         return jax.jit(run)
+      ...     def _resolve_axis_size(self, size):
+      ...         return size
+      >>> total = statemap.State(jnp.zeros(()), name='total')
+      >>> def add(x):
+      ...     total.value = total.value + jax.lax.psum(x, 'i')
+      ...     return x * 2
+      >>> SequentialMapping(add, axis_name='i')(jnp.arange(3.0))
+      Array([0., 2., 4.], dtype=float32)
+    """
+
+    api: str = "statemap.StatefulMapping"
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        axis_name: Hashable | None = None,
+        axis_size: int | None = None,
+        state_in_axes: Any = None,
+        state_out_axes: Any = None,
+        unexpected_out_state_mapping: PolicyName | str = "raise",
+        static_argnums: Sequence[int] = (),
+        donate_argnums: Sequence[int] = (),
+    ):
+        api = self.api
+        if not callable(fn):
+            raise TypeError(f"{api}: `fn` must be callable, got {type(fn).__name__}: {fn!r}.")
+        check_axes_tree(api, "in_axes", in_axes)
+        check_axes_tree(api, "out_axes", out_axes)
+        if axis_size is not None and (not isinstance(axis_size, int) or isinstance(axis_size, bool) or axis_size < 1):
+            raise ValueError(f"{api}: `axis_size` must be a positive int or None, got {axis_size!r}.")
+        if axis_name is not None:
+            try:
+                hash(axis_name)
+            except TypeError:
+                raise TypeError(f"{api}: `axis_name` must be hashable, got {axis_name!r}.") from None
+        self.fn = fn
+        self.in_axes = in_axes
+        self.out_axes = out_axes
+        self.axis_name = axis_name
+        self.axis_size = axis_size
+        self.state_in_axes = StateAxes.parse(api, "state_in_axes", state_in_axes)
+        self.state_out_axes = StateAxes.parse(api, "state_out_axes", state_out_axes)
+        self.policy = WritePolicy.parse(api, unexpected_out_state_mapping)
+        self.static_argnums = _argnums(api, "static_broadcasted_argnums", static_argnums)
+        self.donate_argnums = _argnums(api, "donate_argnums", donate_argnums)
+        self._lane_axis = axis_name if axis_name is not None else f"statemap-lane-{id(self):x}"
+        self._plans = PlanCache()
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", type(self).__name__)
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    # Hooks for subclasses.
+
+    @abc.abstractmethod
+    def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
+        """Return a compiled callable mapping ``spec.lane_fn`` over ``spec.axis_size`` lanes.
+
+        It receives the flat inputs, each mapped on its ``spec.in_axes`` entry
+        (None: the same value for every lane), must call ``spec.lane_fn`` with
+        the lane's index first, and returns the flat outputs, stacked on their
+        ``spec.out_axes`` entry (None: the value is the same on every lane, which
+        the base has verified, so any lane's copy will do).
+        """
+
+    @abc.abstractmethod
+    def _resolve_axis_size(self, size: int | None) -> int:
+        """Return the number of lanes, given the size arguments and states imply.
+
+        ``size`` is None when nothing mapped fixes it: return a default or raise
+        ``ValueError``. Raise ``ValueError`` too for a size the mapping cannot run.
+        """
+
+    def _lane_key(self, key: jax.Array, lane_index: jax.Array) -> jax.Array:
+        """The key lane ``lane_index`` uses, derived inside the compiled program.
+
+        ``fold_in(key, i)`` equals ``split(key, n)[i]`` bit for bit, so every
+        mapping that keeps this default gives lane i the same key.
+        """
+        return jax.random.fold_in(key, lane_index)
+
+    def _explain_lines(self, plan: Plan) -> list[str]:
+        """Extra lines for ``explain()`` (devices, for instance); none by default."""
+        return []
+
+    # The call.
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = Call(self, args, kwargs)
+        with _CALL_LOCK:
+            for plan in self._plans.get(call.key):
+                try:
+                    return self._run(plan, call, None)
+                except StalePlan:
+                    self._plans.discard(call.key, plan)
+            plan, made = self._build(call)
+            self._plans.add(call.key, plan)
+            return self._run(plan, call, made)
+
+    def explain(self, *args: Any, **kwargs: Any) -> Explanation:
+        """Show the plan for a call with these arguments without running it.
+
+        The function is traced (once per signature, as by a call) but the
+        program does not run and no state changes; a later call with the same
+        signature reuses the plan.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import statemap
+          >>> h = statemap.HiddenState(jnp.zeros((4, 2)), name='h')
+          >>> step = statemap.vmap(lambda x: h.value + x, state_in_axes=statemap.HiddenState)
+          >>> print(step.explain(jnp.ones((4, 2))))  # doctest: +NORMALIZE_WHITESPACE
+          statemap.vmap plan for <lambda>: 4 lanes (axis size from argument args[0], axis 0)
+          state                     enters           leaves
+          HiddenState 'h' (4, 2)    split on axis 0  unchanged
+        """
+        call = Call(self, args, kwargs)
+        with _CALL_LOCK:
+            plan = next((p for p in self._plans.get(call.key) if p.fits()), None)
+            if plan is None:
+                plan, _ = self._build(call)
+                self._plans.add(call.key, plan)
+        return Explanation(self.api, self.__name__, plan, self._explain_lines(plan))
+
+    def _build(self, call: Call) -> tuple[Plan, list[State]]:
+        sizes = call.sizes
+        hint = sizes.size or self.axis_size
+        if hint is not None:
+            hint = self._resolve_axis_size(hint)
+        recorder = LaneRecorder(self.api, self.state_in_axes, sizes, current_watcher())
+        outputs = LaneOutputs()
+        try:
+            lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, self._lane_axis, hint)
+        finally:
+            recorder.restore()
+            for state in recorder.made:
+                state._value = None
+        if self.axis_size is not None and sizes.size not in (None, self.axis_size):
+            sizes.add("`axis_size`", 0, jax.ShapeDtypeStruct((self.axis_size,), "int32"))
+        size = self._resolve_axis_size(sizes.size or self.axis_size)
+        return self._make_plan(call, lane, recorder, outputs, size, sizes.origin or "`axis_size`"), list(recorder.made)
+
+    def _lane_body(self, call: Call, recorder: LaneRecorder, outputs: LaneOutputs) -> Callable[..., list[Any]]:
+        def body(new_input: Callable[[Any], Any], arg_tracers: Sequence[Any]) -> list[Any]:
+            recorder.new_input = new_input
+            args, kwargs = call.rebuild(arg_tracers)
+            push_watcher(recorder)
+            try:
+                out = self.fn(*args, **kwargs)
+            finally:
+                pop_watcher(recorder)
+            return collect_outputs(self.api, out, recorder, outputs)
+
+        return body
+
+    def _make_plan(
+        self, call: Call, lane: Any, recorder: LaneRecorder, outputs: LaneOutputs, size: int, origin: str
+    ) -> Plan:
+        ins = list(recorder.inputs.values())
+        in_axes = (*call.leaf_axes, *state_in_axes_per_leaf(ins))
+        key_positions, pos = [], len(call.leaves)
+        for entry in ins:
+            if entry.entry is Entry.LANE_KEY:
+                key_positions.append(pos)
+            pos += len(entry.leaf_axes)
+        lane_fn = make_lane_fn(lane, key_positions, self._lane_key)
+        user_avals = lane.out_avals[: outputs.num_user_leaves]
+        try:
+            user_axes = normalise_out_axes(self._user_out_axes(outputs), user_avals)
+        except ValueError as err:
+            raise ValueError(f"{self.api}: {err}") from None
+        inputs = [*call.leaves, *(leaf for s in recorder.inputs for leaf in jax.tree.leaves(s._value))]
+        decisions = decide_outputs(
+            self.api, lane, recorder, outputs, user_axes, self.state_out_axes, self.policy,
+            probe_batched(lane_fn, inputs, in_axes, self._lane_axis, size),
+        )
+        prototypes = {s: _detached(s) for s, _, _ in outputs.made}
+        slots = tuple(
+            None if s is None else prototypes[s] if s in prototypes else weakref.ref(s) for s in outputs.out_slots
+        )
+        spec = MapSpec(lane_fn, in_axes, decisions.out_axes, size, self._lane_axis, call.donated_leaves)
+        return Plan(
+            refs=tuple(self._plans.ref(s) for s in recorder.inputs),
+            ins=tuple(ins),
+            state_avals=tuple(tuple(jax.typeof(x) for x in jax.tree.leaves(s._value)) for s in recorder.inputs),
+            outs=decisions.outs,
+            made=decisions.made,
+            prototypes=tuple(prototypes.values()),
+            out_tree=outputs.out_tree,
+            out_slots=slots,
+            num_user_leaves=outputs.num_user_leaves,
+            program=self._map(spec),
+            axis_size=size,
+            size_origin=origin,
+            refusal=decisions.refusal,
+            warnings=decisions.warnings,
+        )
+
+    def _user_out_axes(self, outputs: LaneOutputs) -> list[int | None]:
+        tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))
+        axes = leaf_axes(self.api, "out_axes", self.out_axes, tree, "outputs")
+        return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
+
+    def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
+        states = plan.states()
+        if states is None:
+            raise StalePlan()
+        watcher = current_watcher()
+        if watcher is not None:
+            for state in states:
+                watcher.touch(state, False)
+        if plan.refusal is not None:
+            raise BatchAxisError(plan.refusal)
+        inputs = list(call.leaves)
+        for state, entry in zip(states, plan.ins):
+            inputs += entry.treedef.flatten_up_to(state._value)
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        outs = plan.program(*inputs)
+        return commit(plan, outs, made, watcher)
+
+
+def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOutputs) -> list[Any]:
+    """Flatten what the lane returned and wrote into the lane jaxpr's outputs."""
+    leaves, outputs.out_tree = jax.tree.flatten(out)
+    arrays = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, State):
+            outputs.out_slots.append(leaf)
+        elif isinstance(leaf, (jax.Array, int, float, complex, bool)) or hasattr(leaf, "__jax_array__"):
+            outputs.out_slots.append(None)
+            arrays.append(leaf)
+        else:
+            raise TypeError(
+                f"{api}: the function returned a {type(leaf).__name__} ({leaf!r}) as output "
+                f"leaf {i}; a mapped function may return arrays and States (in any pytree)."
+            )
+    outputs.num_user_leaves = len(arrays)
+    flat = list(arrays)
+    for state in recorder.written:
+        if recorder.inputs[state].entry is not Entry.LANE_KEY:
+            leaves, treedef = jax.tree.flatten(state._value)
+            outputs.written.append((state, treedef, len(leaves)))
+            flat += leaves
+    for state in recorder.made:
+        leaves, treedef = jax.tree.flatten(state._value)
+        outputs.made.append((state, treedef, len(leaves)))
+        flat += leaves
+    return flat
+
+
+def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: Any) -> Any:
+    """Write the program's outputs back to the states and rebuild the user's output."""
+    pos = plan.num_user_leaves
+    updates = []
+    for out in plan.outs:
+        updates.append((out.ref(), out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
+        pos += out.num_leaves
+    made = made if made is not None else [copy.copy(p) for p in plan.prototypes]
+    for state, out in zip(made, plan.made):
+        updates.append((state, out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
+        pos += out.num_leaves
+    if watcher is not None:
+        for state, _ in updates[: len(plan.outs)]:
+            watcher.touch(state, True)
+    for state, value in updates:
+        state._value = value
+    arrays = iter(outs[: plan.num_user_leaves])
+    made_index = {id(p): s for p, s in zip(plan.prototypes, made)}
+    leaves = [next(arrays) if slot is None else _returned_state(slot, made_index) for slot in plan.out_slots]
+    return jax.tree.unflatten(plan.out_tree, leaves)
+
+
+def _returned_state(slot: Any, made_index: dict[int, State]) -> State:
+    return made_index[id(slot)] if isinstance(slot, State) else slot()
+
+
+def _detached(state: State) -> State:
+    clone = copy.copy(state)
+    clone._value = None
+    return clone
+
+
+def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        argnums = (argnums,)
+    if not isinstance(argnums, (tuple, list)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in argnums
+    ):
+        raise TypeError(f"{api}: `{argname}` must be an int or a tuple of ints, got {argnums!r}.")
+    return tuple(argnums)

@@ -1,0 +1,113 @@
+"""Plans: what one call signature compiles to, and how each state leaves it."""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import attrs
+import jax
+
+from ._catalogue import StateIn
+from ._state import State
+
+__all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs"]
+
+
+class StalePlan(Exception):
+    """Raised while JAX retraces a plan's program for inputs it was not built for."""
+
+
+class Exit(enum.Enum):
+    """How a written (or created) state leaves the call."""
+
+    STACKED = "stacked"
+    AS_IS = "written as is"
+    REFUSED = "refused"
+    ADVANCED = "advanced once"
+
+
+@attrs.frozen
+class StateOut:
+    """One state the call writes back: how, on which axis, and its output leaves."""
+
+    ref: weakref.ref
+    exit: Exit
+    axis: int | None
+    treedef: Any
+    num_leaves: int
+
+
+@attrs.frozen(eq=False)
+class Plan:
+    """Everything a warm call needs: input states, the compiled program, write-back."""
+
+    refs: tuple[weakref.ref, ...]
+    ins: tuple[StateIn, ...]
+    state_avals: tuple[tuple[Any, ...], ...]
+    outs: tuple[StateOut, ...]
+    made: tuple[StateOut, ...]
+    prototypes: tuple[State, ...]
+    out_tree: Any
+    out_slots: tuple[Any, ...]
+    num_user_leaves: int
+    program: Callable[..., Sequence[Any]]
+    axis_size: int
+    size_origin: str
+    refusal: str | None
+    warnings: tuple[str, ...]
+
+    def states(self) -> list[State] | None:
+        """The live input states, or None if one was garbage-collected."""
+        states = [ref() for ref in self.refs]
+        return None if any(s is None for s in states) else states  # type: ignore[return-value]
+
+    def fits(self) -> bool:
+        """Whether the input states are alive and still have the shapes planned for."""
+        states = self.states()
+        return states is not None and all(
+            tuple(jax.typeof(x) for x in jax.tree.leaves(s._value)) == avals
+            for s, avals in zip(states, self.state_avals)
+        )
+
+
+def batched_outputs(
+    lane_fn: Callable[..., Sequence[Any]],
+    inputs: Sequence[Any],
+    in_axes: tuple[int | None, ...],
+    candidates: Sequence[int],
+    axis_name: Hashable,
+    axis_size: int,
+) -> set[int]:
+    """Which ``candidates`` outputs of the mapped ``lane_fn`` vary across lanes.
+
+    JAX decides, with public API only: ``jax.vmap(..., out_axes=None)`` rejects
+    a batched output at trace time, and ``jax.eval_shape`` traces without
+    compiling. Groups that fail are bisected down to single outputs.
+    """
+
+    def probe(chosen: Sequence[int]) -> bool:
+        def pick(*xs: Any) -> list[Any]:
+            outs = lane_fn(jax.lax.axis_index(axis_name), *xs)
+            return [outs[i] for i in chosen]
+
+        mapped = jax.vmap(pick, in_axes=in_axes, out_axes=None, axis_name=axis_name, axis_size=axis_size)
+        try:
+            jax.eval_shape(mapped, *inputs)
+        except ValueError as err:
+            if "out_axes is None" not in str(err):
+                raise
+            return True
+        return False
+
+    def search(chosen: Sequence[int]) -> set[int]:
+        if not chosen or not probe(chosen):
+            return set()
+        if len(chosen) == 1:
+            return {chosen[0]}
+        half = len(chosen) // 2
+        return search(chosen[:half]) | search(chosen[half:])
+
+    return search(list(candidates))

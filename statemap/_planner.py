@@ -1,0 +1,223 @@
+"""Turning one traced lane into a plan: inputs, outputs, batched-ness, policy."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import attrs
+import jax
+import numpy as np
+
+from ._axes import StateAxes, axis_in_range
+from ._catalogue import Entry, LaneRecorder, StateIn
+from ._jax_internals import LaneJaxpr, eval_lane
+from ._plan import Exit, StalePlan, StateOut, batched_outputs
+from ._policy import WritePolicy
+from ._state import State, describe
+from .errors import BatchAxisError
+
+__all__ = ["Decisions", "LaneOutputs", "decide_outputs", "make_lane_fn"]
+
+
+@attrs.define
+class LaneOutputs:
+    """What the traced function returned and wrote, in the lane jaxpr's output order."""
+
+    out_tree: Any = None
+    out_slots: list[Any] = attrs.field(factory=list)
+    num_user_leaves: int = 0
+    written: list[tuple[State, Any, int]] = attrs.field(factory=list)
+    made: list[tuple[State, Any, int]] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Decisions:
+    """Per-output axes for the mapped program, and how each state leaves."""
+
+    out_axes: list[int | None]
+    outs: tuple[StateOut, ...]
+    made: tuple[StateOut, ...]
+    refusal: str | None
+    warnings: tuple[str, ...]
+
+
+def make_lane_fn(
+    lane: LaneJaxpr,
+    key_positions: Sequence[int],
+    lane_key: Callable[[Any, Any], Any],
+) -> Callable[..., list[Any]]:
+    """The per-lane program: derive lane keys, evaluate the lane, return outputs and advanced keys."""
+    expected = [(aval.shape, aval.dtype) for aval in lane.in_avals]
+
+    def lane_fn(lane_index: Any, *inputs: Any) -> list[Any]:
+        if len(inputs) != len(expected) or any(
+            (np.shape(x), jax.typeof(x).dtype) != want for x, want in zip(inputs, expected)
+        ):
+            raise StalePlan()
+        values = list(inputs)
+        advanced = []
+        for pos in key_positions:
+            new_parent, base = jax.random.split(values[pos])
+            advanced.append(new_parent)
+            values[pos] = lane_key(base, lane_index)
+        return [*eval_lane(lane, values), *advanced]
+
+    return lane_fn
+
+
+def _stack_axes(api: str, state: State, axis: int, avals: Sequence[Any]) -> list[int]:
+    fixed = []
+    for aval in avals:
+        ndim = len(aval.shape) + 1
+        good = axis_in_range(axis, ndim)
+        if good is None:
+            raise BatchAxisError(
+                f"{api}: `state_out_axes` stacks {describe(state)} on axis {axis}, which is "
+                f"out of range for a stacked value of rank {ndim}. Use an axis in "
+                f"[{-ndim}, {ndim})."
+            )
+        fixed.append(good)
+    return fixed
+
+
+def decide_outputs(
+    api: str,
+    lane: LaneJaxpr,
+    recorder: LaneRecorder,
+    outputs: LaneOutputs,
+    user_axes: list[int | None],
+    state_out_axes: StateAxes,
+    policy: WritePolicy,
+    find_batched: Callable[[Sequence[int]], set[int]],
+) -> Decisions:
+    """Place every output: user outputs on ``user_axes``, states by the rules of one call."""
+    avals = lane.out_avals
+    out_axes: list[int | None] = list(user_axes)
+    pos = len(user_axes)
+    plans: list[tuple[State, Any, int, str, int | None]] = []
+    for state, treedef, n in outputs.written:
+        entry = recorder.inputs[state]
+        selected, axis = state_out_axes.match(state)
+        if selected and axis is not None:
+            kind, where = "stacked", axis
+        elif selected:
+            kind, where = "declared", None
+        elif entry.entry is Entry.SPLIT:
+            kind, where = "stacked", entry.axis
+        else:
+            kind, where = "policy", None
+        plans.append((state, treedef, n, kind, where))
+        out_axes += _stack_axes(api, state, where, avals[pos : pos + n]) if kind == "stacked" else [None] * n
+        pos += n
+    made = []
+    for state, treedef, n in outputs.made:
+        made.append(StateOut(weakref.ref(state), Exit.STACKED, 0, treedef, n))
+        out_axes += [0] * n
+    candidates = [i for i, a in enumerate(out_axes) if a is None]
+    batched = find_batched(candidates)
+    _check_user_outputs(api, batched, len(user_axes))
+    outs, refused, warned = [], [], []
+    pos = len(user_axes)
+    for state, treedef, n, kind, where in plans:
+        varies = any(i in batched for i in range(pos, pos + n))
+        exit, axis = _exit(kind, where, varies, policy)
+        if exit is Exit.STACKED and kind != "stacked":
+            out_axes[pos : pos + n] = [0] * n
+            if policy is WritePolicy.WARN:
+                warned.append(_warning(api, state))
+        if exit is Exit.REFUSED:
+            refused.append((state, kind))
+        outs.append(StateOut(weakref.ref(state), exit, axis, treedef, n))
+        pos += n
+    for state, entry in recorder.inputs.items():
+        if entry.entry is Entry.LANE_KEY:
+            outs.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
+            out_axes.append(None)
+    return Decisions(out_axes, tuple(outs), tuple(made), _refusal(api, refused), tuple(warned))
+
+
+def _exit(kind: str, where: int | None, varies: bool, policy: WritePolicy) -> tuple[Exit, int | None]:
+    if kind == "stacked":
+        return Exit.STACKED, where
+    if not varies:
+        return Exit.AS_IS, None
+    if kind == "declared" or policy is WritePolicy.RAISE:
+        return Exit.REFUSED, None
+    return Exit.STACKED, 0
+
+
+def _check_user_outputs(api: str, batched: set[int], num_user: int) -> None:
+    bad = sorted(i for i in batched if i < num_user)
+    if bad:
+        raise ValueError(
+            f"{api}: output leaf {bad[0]} varies across the mapped axis, but `out_axes` "
+            f"is None for it. Give it an axis (`out_axes=0`), or return a value that is "
+            f"the same on every lane (for example reduced with `jax.lax.psum`)."
+        )
+
+
+def _warning(api: str, state: State) -> str:
+    return (
+        f"{api}: {describe(state)} was written with a value that varies across the "
+        f"mapped axis; it is stacked along axis 0 because "
+        f"`unexpected_out_state_mapping='warn'`. Select it in `state_out_axes` to "
+        f"choose the axis and silence this warning."
+    )
+
+
+def _refusal(api: str, refused: list[tuple[State, str]]) -> str | None:
+    if not refused:
+        return None
+    lines = []
+    for state, kind in refused:
+        why = (
+            "`state_out_axes` maps it to None"
+            if kind == "declared"
+            else "no `state_in_axes`/`state_out_axes` entry places it on an axis"
+        )
+        lines.append(f"  * {describe(state)}: {why}")
+    bullets = "\n".join(lines)
+    return (
+        f"{api}: these states are written with values that vary across the mapped "
+        f"axis (one value per lane), so they cannot be written back as a single value:\n"
+        f"{bullets}\n"
+        f"Stack them with `state_out_axes={{0: <filter>}}`, split them on entry with "
+        f"`state_in_axes={{0: <filter>}}`, or pass `unexpected_out_state_mapping='warn'` "
+        f"to stack them along axis 0."
+    )
+
+
+def probe_batched(
+    lane_fn: Callable[..., Sequence[Any]],
+    inputs: Sequence[Any],
+    in_axes: tuple[int | None, ...],
+    axis_name: Hashable,
+    axis_size: int,
+) -> Callable[[Sequence[int]], set[int]]:
+    """``find_batched`` for ``decide_outputs``, deciding with JAX's vmap rules."""
+    return lambda candidates: batched_outputs(lane_fn, inputs, in_axes, candidates, axis_name, axis_size)
+
+
+def state_in_axes_per_leaf(ins: Sequence[StateIn]) -> list[int | None]:
+    """The map's input axis for every leaf of every input state (keys enter unbatched)."""
+    return [axis if entry.entry is Entry.SPLIT else None for entry in ins for axis in entry.leaf_axes]
+
+
+def normalise_out_axes(axes: list[int | None], avals: Sequence[Any]) -> list[int | None]:
+    """Non-negative user ``out_axes``, checked against each output's rank plus one."""
+    fixed = []
+    for axis, aval in zip(axes, avals):
+        if axis is None:
+            fixed.append(None)
+            continue
+        ndim = len(aval.shape) + 1
+        good = axis_in_range(axis, ndim)
+        if good is None:
+            raise ValueError(
+                f"`out_axes` {axis} is out of range for an output of lane shape "
+                f"{tuple(aval.shape)}; use an axis in [{-ndim}, {ndim})."
+            )
+        fixed.append(good)
+    return fixed

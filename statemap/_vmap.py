@@ -1,0 +1,150 @@
+"""VMapMapping and vmap: statemap's stateful ``jax.vmap``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar, overload
+
+import jax
+
+from ._mapping import MISSING, MapSpec, StatefulMapping
+from ._policy import PolicyName
+
+__all__ = ["VMapMapping", "vmap"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class VMapMapping(StatefulMapping):
+    """A stateful ``jax.vmap``: the function runs once per batch element.
+
+    Build it with :func:`statemap.vmap`, or directly with the same keywords.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> scale = statemap.ParamState(jnp.float32(2.0), name='scale')
+      >>> statemap.VMapMapping(lambda x: x * scale.value)(jnp.arange(3.0))
+      Array([0., 2., 4.], dtype=float32)
+    """
+
+    api = "statemap.vmap"
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        axis_name: Hashable | None = None,
+        axis_size: int | None = None,
+        spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+        state_in_axes: Any = None,
+        state_out_axes: Any = None,
+        unexpected_out_state_mapping: PolicyName | str = "raise",
+    ):
+        super().__init__(
+            fn,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            axis_name=axis_name,
+            axis_size=axis_size,
+            state_in_axes=state_in_axes,
+            state_out_axes=state_out_axes,
+            unexpected_out_state_mapping=unexpected_out_state_mapping,
+        )
+        self.spmd_axis_name = spmd_axis_name
+
+    def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
+        def lane(*inputs: Any) -> list[Any]:
+            return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)
+
+        mapped = jax.vmap(
+            lane,
+            in_axes=spec.in_axes,
+            out_axes=spec.out_axes,
+            axis_name=spec.axis_name,
+            axis_size=spec.axis_size,
+            spmd_axis_name=self.spmd_axis_name,
+        )
+        return jax.jit(mapped)
+
+    def _resolve_axis_size(self, size: int | None) -> int:
+        if size is None:
+            raise ValueError(
+                f"{self.api}: cannot tell the axis size: no argument is mapped (check "
+                f"`in_axes`) and no state is split (check `state_in_axes`). Map an "
+                f"argument, split a state, or pass `axis_size=n`."
+            )
+        return size
+
+
+@overload
+def vmap(
+    fn: F,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> VMapMapping: ...
+
+
+@overload
+def vmap(
+    fn: Any = MISSING,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> Callable[[F], VMapMapping]: ...
+
+
+def vmap(fn: Any = MISSING, **keywords: Any) -> Any:
+    """Map a stateful function over a batch axis, like ``jax.vmap``.
+
+    States the function reads are broadcast unless ``state_in_axes`` splits
+    them; each ``RandomState`` gives every lane its own key; writes come back
+    as described in the docs ("Semantics of one call"). Without ``fn``, returns
+    a decorator.
+
+    Args:
+      fn: the function to map.
+      in_axes, out_axes, axis_name, axis_size, spmd_axis_name: as in ``jax.vmap``.
+      state_in_axes: ``{axis: filter}`` (or a bare filter for axis 0): states to
+        split on entry; ``None`` as the axis marks states broadcast.
+      state_out_axes: ``{axis: filter}``: written states to stack on that axis.
+      unexpected_out_state_mapping: ``'raise'``, ``'warn'`` or ``'ignore'``, for
+        batched writes that nothing places.
+
+    Returns:
+      A ``VMapMapping`` (or a decorator making one).
+
+    Raises:
+      ValueError, TypeError: for a bad argument, at once.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> h = statemap.HiddenState(jnp.zeros((3, 2)), name='h')
+      >>> @statemap.vmap(state_in_axes={0: statemap.HiddenState})
+      ... def step(x):
+      ...     h.value = h.value + x
+      ...     return h.value.sum()
+      >>> step(jnp.ones((3, 2)))
+      Array([2., 2., 2.], dtype=float32)
+      >>> h.value.shape
+      (3, 2)
+    """
+    if fn is MISSING:
+        return lambda f: VMapMapping(f, **keywords)
+    return VMapMapping(fn, **keywords)
