@@ -4,6 +4,8 @@ from . import errors as errors
 from . import filters as filters
 from . import random as random
 from ._mapping import StatefulMapping as StatefulMapping
+from ._pmap import PMapMapping as PMapMapping
+from ._pmap import pmap as pmap
 from ._random import RandomState as RandomState
 from ._state import HiddenState as HiddenState
 from ._state import LongTermState as LongTermState
@@ -17,11 +19,13 @@ from .errors import BatchAxisError as BatchAxisError
 from .errors import StatemapError as StatemapError
 
 vmap2 = vmap
+pmap2 = pmap
 
 __all__ = [
     "BatchAxisError",
     "HiddenState",
     "LongTermState",
+    "PMapMapping",
     "ParamState",
     "RandomState",
     "ShortTermState",
@@ -32,6 +36,8 @@ __all__ = [
     "VMapMapping",
     "errors",
     "filters",
+    "pmap",
+    "pmap2",
     "random",
     "vmap",
     "vmap2",

@@ -1,0 +1,196 @@
+"""PMapMapping and pmap: statemap's stateful ``jax.pmap``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar, overload
+
+import jax
+
+from ._mapping import MISSING, MapSpec, StatefulMapping
+from ._plan import Plan
+from ._policy import PolicyName
+
+__all__ = ["PMapMapping", "pmap"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PMapMapping(StatefulMapping):
+    """A stateful ``jax.pmap``: the function runs once per device.
+
+    Build it with :func:`statemap.pmap`, or directly with the same keywords.
+    Batched-ness of writes is decided with vmap's rules, so a value that
+    differs between devices is never silently replaced by device 0's.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import statemap
+      >>> n = jax.local_device_count()
+      >>> total = statemap.State(jnp.zeros(()), name='total')
+      >>> def add(x):
+      ...     total.value = total.value + jax.lax.psum(x, 'd')
+      ...     return x + 1
+      >>> statemap.PMapMapping(add, axis_name='d')(jnp.ones(n)).shape == (n,)
+      True
+      >>> int(total.value) == n
+      True
+    """
+
+    api = "statemap.pmap"
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        axis_name: Hashable | None = None,
+        *,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        static_broadcasted_argnums: int | Sequence[int] = (),
+        devices: Sequence[jax.Device] | None = None,
+        backend: str | None = None,
+        axis_size: int | None = None,
+        donate_argnums: int | Sequence[int] = (),
+        global_arg_shapes: Any = None,
+        state_in_axes: Any = None,
+        state_out_axes: Any = None,
+        unexpected_out_state_mapping: PolicyName | str = "raise",
+    ):
+        if global_arg_shapes is not None:
+            raise ValueError(
+                f"{self.api}: `global_arg_shapes` is no longer supported by JAX (jax.pmap "
+                f"dropped it); remove the argument. Each process passes its local part."
+            )
+        if devices is not None:
+            devices = list(devices)
+            if not devices or not all(isinstance(d, jax.Device) for d in devices):
+                raise TypeError(f"{self.api}: `devices` must be a non-empty sequence of jax.Device, got {devices!r}.")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"{self.api}: `backend` must be a str such as 'cpu', got {backend!r}.")
+        super().__init__(
+            fn,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            axis_name=axis_name,
+            axis_size=axis_size,
+            state_in_axes=state_in_axes,
+            state_out_axes=state_out_axes,
+            unexpected_out_state_mapping=unexpected_out_state_mapping,
+            static_argnums=static_broadcasted_argnums,
+            donate_argnums=donate_argnums,
+        )
+        self.devices = devices
+        self.backend = backend
+
+    def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
+        def lane(*inputs: Any) -> list[Any]:
+            return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)
+
+        unmapped = all(axis is None for axis in spec.in_axes)
+        return jax.pmap(
+            lane,
+            axis_name=spec.axis_name,
+            in_axes=spec.in_axes,
+            out_axes=spec.out_axes,
+            devices=self.devices,
+            backend=self.backend,
+            axis_size=spec.axis_size if unmapped else None,
+            donate_argnums=spec.donated,
+        )
+
+    def _device_count(self) -> int:
+        return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
+
+    def _resolve_axis_size(self, size: int | None) -> int:
+        available = self._device_count()
+        if size is None:
+            return available
+        where = "`devices`" if self.devices is not None else f"the {available} local devices"
+        if size > available or (self.devices is not None and size != available):
+            raise ValueError(
+                f"{self.api}: the mapped axis has size {size}, but {where} "
+                f"{'are' if self.devices is None else 'give'} {available} lanes; pmap runs "
+                f"one lane per device. Reshape the batch to a leading axis of {available} "
+                f"(or fewer devices' worth), or use statemap.vmap inside each device."
+            )
+        return size
+
+    def _explain_lines(self, plan: Plan) -> list[str]:
+        devices = self.devices or jax.local_devices(backend=self.backend)[: plan.axis_size]
+        return [f"devices: {', '.join(str(d) for d in devices)}"]
+
+
+@overload
+def pmap(
+    fn: F,
+    axis_name: Hashable | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[jax.Device] | None = None,
+    backend: str | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    global_arg_shapes: Any = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> PMapMapping: ...
+
+
+@overload
+def pmap(
+    fn: Any = MISSING,
+    axis_name: Hashable | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[jax.Device] | None = None,
+    backend: str | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    global_arg_shapes: Any = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> Callable[[F], PMapMapping]: ...
+
+
+def pmap(fn: Any = MISSING, axis_name: Hashable | None = None, **keywords: Any) -> Any:
+    """Map a stateful function over devices, like ``jax.pmap``.
+
+    The same rules as :func:`statemap.vmap` apply to states (and lane i gets
+    the same key under both); the axis size defaults to the number of devices
+    and may not exceed it. Without ``fn``, returns a decorator.
+
+    Args:
+      fn: the function to map.
+      axis_name, in_axes, out_axes, static_broadcasted_argnums, devices,
+        backend, axis_size, donate_argnums: as in ``jax.pmap``.
+      global_arg_shapes: accepted for source compatibility only; JAX dropped
+        it, so anything but None is a ``ValueError``.
+      state_in_axes, state_out_axes, unexpected_out_state_mapping: as in
+        :func:`statemap.vmap`.
+
+    Returns:
+      A ``PMapMapping`` (or a decorator making one).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import statemap
+      >>> n = jax.local_device_count()
+      >>> w = statemap.ParamState(jnp.ones(3), name='w')
+      >>> @statemap.pmap(axis_name='devices')
+      ... def sgd_step(x):
+      ...     grad = jax.lax.pmean(x * w.value, 'devices')
+      ...     w.value = w.value - 0.1 * grad
+      ...     return grad.sum()
+      >>> out = sgd_step(jnp.ones((n, 3)))
+      >>> w.value
+      Array([0.9, 0.9, 0.9], dtype=float32)
+    """
+    if fn is MISSING:
+        return lambda f: PMapMapping(f, axis_name, **keywords)
+    return PMapMapping(fn, axis_name, **keywords)
