@@ -23,17 +23,17 @@ def assert_tree_allclose(actual: Any, expected: Any, rtol: float = 1e-6, atol: f
 def assert_concrete(states: Iterable[statemap.State]) -> None:
     """No state holds a tracer."""
     for state in states:
-        for leaf in jax.tree.leaves(state._value):
+        for leaf in jax.tree.leaves(state.value):
             assert not isinstance(leaf, jax.core.Tracer), f"{state!r} holds a tracer"
 
 
 def snapshot(states: Iterable[statemap.State]) -> list[tuple[statemap.State, Any]]:
     """Remember the values of ``states``."""
-    return [(s, s._value) for s in states]
+    return [(s, s.value) for s in states]
 
 
 def assert_unchanged(saved: list[tuple[statemap.State, Any]]) -> None:
     """Every state holds exactly (the same object as) what ``snapshot`` saw, and is concrete."""
     for state, value in saved:
-        assert state._value is value, f"{state!r} changed"
+        assert state.value is value, f"{state!r} changed"
     assert_concrete(s for s, _ in saved)
