@@ -96,12 +96,9 @@ class StatefulMapping(abc.ABC):
       ...         return jax.jit(run)
       ...     def _resolve_axis_size(self, size):
       ...         return size
-      >>> total = statemap.State(jnp.zeros(()), name='total')
-      >>> def add(x):
-      ...     total.value = total.value + jax.lax.psum(x, 'i')
-      ...     return x * 2
-      >>> SequentialMapping(add, axis_name='i')(jnp.arange(3.0))
-      Array([0., 2., 4.], dtype=float32)
+      >>> scale = statemap.State(jnp.float32(3.0), name='scale')
+      >>> SequentialMapping(lambda x: x * scale.value)(jnp.arange(3.0))
+      Array([0., 3., 6.], dtype=float32)
     """
 
     api: str = "statemap.StatefulMapping"

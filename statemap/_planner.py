@@ -93,24 +93,8 @@ def decide_outputs(
     find_batched: Callable[[Sequence[int]], set[int]],
 ) -> Decisions:
     """Place every output: user outputs on ``user_axes``, states by the rules of one call."""
-    avals = lane.out_avals
     out_axes: list[int | None] = list(user_axes)
-    pos = len(user_axes)
-    plans: list[tuple[State, Any, int, str, int | None]] = []
-    for state, treedef, n in outputs.written:
-        entry = recorder.inputs[state]
-        selected, axis = state_out_axes.match(state)
-        if selected and axis is not None:
-            kind, where = "stacked", axis
-        elif selected:
-            kind, where = "declared", None
-        elif entry.entry is Entry.SPLIT:
-            kind, where = "stacked", entry.axis
-        else:
-            kind, where = "policy", None
-        plans.append((state, treedef, n, kind, where))
-        out_axes += _stack_axes(api, state, where, avals[pos : pos + n]) if kind == "stacked" else [None] * n
-        pos += n
+    plans = _place_written(api, lane.out_avals, recorder, outputs, state_out_axes, out_axes)
     made = []
     for state, treedef, n in outputs.made:
         made.append(StateOut(weakref.ref(state), Exit.STACKED, 0, treedef, n))
@@ -136,6 +120,39 @@ def decide_outputs(
             outs.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
             out_axes.append(None)
     return Decisions(out_axes, tuple(outs), tuple(made), _refusal(api, refused), tuple(warned))
+
+
+def _place_written(
+    api: str,
+    avals: Sequence[Any],
+    recorder: LaneRecorder,
+    outputs: LaneOutputs,
+    state_out_axes: StateAxes,
+    out_axes: list[int | None],
+) -> list[tuple[State, Any, int, str, int | None]]:
+    """How each written state is meant to leave; appends its leaves' axes to ``out_axes``.
+
+    ``kind`` is ``'stacked'`` (on ``where``), ``'declared'`` (``state_out_axes``
+    says None: must not vary) or ``'policy'`` (must not vary, or the policy decides).
+    """
+    plans = []
+    pos = len(out_axes)
+    for state, treedef, n in outputs.written:
+        entry = recorder.inputs[state]
+        selected, axis = state_out_axes.match(state)
+        if selected and axis is not None:
+            kind, where = "stacked", axis
+        elif selected:
+            kind, where = "declared", None
+        elif entry.entry is Entry.SPLIT:
+            kind, where = "stacked", entry.axis
+        else:
+            kind, where = "policy", None
+        plans.append((state, treedef, n, kind, where))
+        stacked = kind == "stacked" and where is not None
+        out_axes += _stack_axes(api, state, where, avals[pos : pos + n]) if stacked else [None] * n  # type: ignore[arg-type]
+        pos += n
+    return plans
 
 
 def _exit(kind: str, where: int | None, varies: bool, policy: WritePolicy) -> tuple[Exit, int | None]:
