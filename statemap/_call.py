@@ -92,7 +92,8 @@ class Call:
     def donated_leaves(self) -> tuple[int, ...]:
         """Flat positions of the leaves of the arguments in ``donate_argnums``."""
         donate = {i % max(self.num_args, 1) for i in self.mapping.donate_argnums}
-        out, pos = [], 0
+        out: list[int] = []
+        pos = 0
         for i, arg in zip(self.positions, self.dynamic):
             n = len(jax.tree.leaves(arg))
             if i in donate:

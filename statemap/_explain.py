@@ -59,7 +59,7 @@ class Explanation:
     def rows(self) -> list[tuple[str, str, str]]:
         """(state, how it enters, how it leaves) for every state the call touches."""
         plan = self.plan
-        outs = {id(o.ref()): o for o in plan.outs}
+        outs = {id(o.ref()): o for o in plan.outs + plan.advanced}
         rows = []
         for ref, entry in zip(plan.refs, plan.ins):
             state = ref()

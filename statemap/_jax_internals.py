@@ -67,7 +67,7 @@ def trace_lane(
 
     debug = api_util.debug_info("statemap", fn, (), {})
     wrapped = lu.wrap_init(lane, debug_info=debug)
-    with core.extend_axis_env_nd([(axis_name, axis_size)]):
+    with core.extend_axis_env_nd([(axis_name, axis_size)]):  # type: ignore[list-item]
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
     return LaneJaxpr(jaxpr, consts)
 

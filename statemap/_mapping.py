@@ -114,8 +114,8 @@ class StatefulMapping(abc.ABC):
         state_in_axes: Any = None,
         state_out_axes: Any = None,
         unexpected_out_state_mapping: PolicyName | str = "raise",
-        static_argnums: Sequence[int] = (),
-        donate_argnums: Sequence[int] = (),
+        static_argnums: int | Sequence[int] = (),
+        donate_argnums: int | Sequence[int] = (),
     ):
         api = self.api
         if not callable(fn):
@@ -280,6 +280,7 @@ class StatefulMapping(abc.ABC):
             state_avals=tuple(tuple(jax.typeof(x) for x in jax.tree.leaves(s._value)) for s in recorder.inputs),
             outs=decisions.outs,
             made=decisions.made,
+            advanced=decisions.advanced,
             prototypes=tuple(prototypes.values()),
             out_tree=outputs.out_tree,
             out_slots=slots,
@@ -347,18 +348,21 @@ def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOut
 def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: Any) -> Any:
     """Write the program's outputs back to the states and rebuild the user's output."""
     pos = plan.num_user_leaves
-    updates = []
+    updates: list[tuple[Any, Any]] = []
     for out in plan.outs:
         updates.append((out.ref(), out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
         pos += out.num_leaves
     made = made if made is not None else [copy.copy(p) for p in plan.prototypes]
+    created: list[tuple[State, Any]] = []
     for state, out in zip(made, plan.made):
-        updates.append((state, out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
+        created.append((state, out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
         pos += out.num_leaves
+    for out, key in zip(plan.advanced, outs[pos:]):
+        updates.append((out.ref(), key))
     if watcher is not None:
-        for state, _ in updates[: len(plan.outs)]:
+        for state, _ in updates:
             watcher.touch(state, True)
-    for state, value in updates:
+    for state, value in updates + created:
         state._value = value
     arrays = iter(outs[: plan.num_user_leaves])
     made_index = {id(p): s for p, s in zip(plan.prototypes, made)}

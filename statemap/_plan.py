@@ -49,6 +49,7 @@ class Plan:
     state_avals: tuple[tuple[Any, ...], ...]
     outs: tuple[StateOut, ...]
     made: tuple[StateOut, ...]
+    advanced: tuple[StateOut, ...]
     prototypes: tuple[State, ...]
     out_tree: Any
     out_slots: tuple[Any, ...]

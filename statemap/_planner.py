@@ -39,6 +39,7 @@ class Decisions:
     out_axes: list[int | None]
     outs: tuple[StateOut, ...]
     made: tuple[StateOut, ...]
+    advanced: tuple[StateOut, ...]
     refusal: str | None
     warnings: tuple[str, ...]
 
@@ -115,11 +116,13 @@ def decide_outputs(
             refused.append((state, kind))
         outs.append(StateOut(weakref.ref(state), exit, axis, treedef, n))
         pos += n
+    advanced = []
     for state, entry in recorder.inputs.items():
         if entry.entry is Entry.LANE_KEY:
-            outs.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
+            advanced.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
             out_axes.append(None)
-    return Decisions(out_axes, tuple(outs), tuple(made), _refusal(api, refused), tuple(warned))
+    refusal = _refusal(api, refused)
+    return Decisions(out_axes, tuple(outs), tuple(made), tuple(advanced), refusal, tuple(warned))
 
 
 def _place_written(
@@ -224,7 +227,7 @@ def state_in_axes_per_leaf(ins: Sequence[StateIn]) -> list[int | None]:
 
 def normalise_out_axes(axes: list[int | None], avals: Sequence[Any]) -> list[int | None]:
     """Non-negative user ``out_axes``, checked against each output's rank plus one."""
-    fixed = []
+    fixed: list[int | None] = []
     for axis, aval in zip(axes, avals):
         if axis is None:
             fixed.append(None)

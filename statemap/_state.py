@@ -206,10 +206,8 @@ def describe(state: State) -> str:
         label += f" {state.name!r}"
     elif state.tag is not None:
         label += f" tagged {state.tag!r}"
-    leaves = jax.tree.leaves(state._value)
-    if len(leaves) == 1 and jax.tree.structure(state._value).num_leaves == 1 and not isinstance(
-        state._value, (list, tuple, dict)
-    ):
-        return f"{label} (shape {tuple(np.shape(leaves[0]))})"
-    shapes = jax.tree.map(lambda x: tuple(np.shape(x)), state._value)
+    value = state._value
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and value is not None:
+        return f"{label} (shape {tuple(np.shape(value))})"
+    shapes = jax.tree.map(lambda x: tuple(np.shape(x)), value)
     return f"{label} (shapes {shapes})"
