@@ -12,7 +12,7 @@ import numpy as np
 
 from ._axes import StateAxes, axis_in_range, lane_aval
 from ._random import RandomState, is_key
-from ._state import State, Watcher, describe
+from ._state import State, Watcher, describe, read_through
 from .errors import BatchAxisError
 
 __all__ = ["Entry", "LaneRecorder", "SizeSources", "StateIn"]
@@ -61,7 +61,11 @@ class SizeSources:
 
 
 class LaneRecorder(Watcher):
-    """Watches the lane trace: each state first touched becomes a lane input."""
+    """Watches the lane trace: each state first touched becomes a lane input.
+
+    The function sees lane values (tracers) through ``read``/``write``; the
+    states themselves keep their values, so a failed trace changes nothing.
+    """
 
     def __init__(
         self,
@@ -77,35 +81,37 @@ class LaneRecorder(Watcher):
         self.new_input: Callable[[Any], Any] | None = None
         self.inputs: dict[State, StateIn] = {}
         self.before: dict[State, Any] = {}
+        self.lane_values: dict[State, Any] = {}
         self.written: dict[State, None] = {}
         self.made: dict[State, None] = {}
 
-    def touch(self, state: State, write: bool) -> None:
+    def read(self, state: State) -> Any:
         if state in self.made:
+            return state._value
+        if state not in self.inputs:
+            self._enter(state)
+        return self.lane_values[state]
+
+    def write(self, state: State, value: Any) -> None:
+        if state in self.made:
+            state._value = value
             return
         if state not in self.inputs:
-            if self.parent is not None:
-                self.parent.touch(state, write)
             self._enter(state)
-        if write:
-            self.written[state] = None
+        self.lane_values[state] = value
+        self.written[state] = None
 
     def created(self, state: State) -> None:
         if self.parent is not None:
             self.parent.created(state)
         self.made[state] = None
 
-    def restore(self) -> None:
-        """Put every input state back to its value from before the trace."""
-        for state, value in self.before.items():
-            state._value = value
-
     def _entry(self, state: State) -> tuple[Entry, int | None]:
         selected, axis = self.state_in_axes.match(state)
         if selected and axis is not None:
             return Entry.SPLIT, axis
         if isinstance(state, RandomState) and not selected:
-            if not is_key(state._value):
+            if not is_key(self.before[state]):
                 raise TypeError(
                     f"{self.api}: {describe(state)} does not hold a PRNG key, so it cannot "
                     f"give each lane its own key. Reseed it with `state.seed(0)`."
@@ -114,14 +120,14 @@ class LaneRecorder(Watcher):
         return Entry.BROADCAST, None
 
     def _enter(self, state: State) -> None:
+        self.before[state] = read_through(self.parent, state)
         entry, axis = self._entry(state)
-        leaves, treedef = jax.tree.flatten(state._value)
+        leaves, treedef = jax.tree.flatten(self.before[state])
         leaf_axes = tuple(self._split_axis(state, axis, leaf) for leaf in leaves)
         assert self.new_input is not None
         tracers = [self.new_input(lane_aval(x, a)) for x, a in zip(leaves, leaf_axes)]
         self.inputs[state] = StateIn(entry, axis, leaf_axes, treedef)
-        self.before[state] = state._value
-        state._value = jax.tree.unflatten(treedef, tracers)
+        self.lane_values[state] = jax.tree.unflatten(treedef, tracers)
 
     def _split_axis(self, state: State, axis: int | None, leaf: Any) -> int | None:
         if axis is None:

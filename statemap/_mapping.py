@@ -29,7 +29,7 @@ from ._planner import (
     state_in_axes_per_leaf,
 )
 from ._policy import PolicyName, WritePolicy
-from ._state import State, current_watcher, pop_watcher, push_watcher
+from ._state import State, current_watcher, pop_watcher, push_watcher, write_through
 from .errors import BatchAxisError
 
 __all__ = ["MISSING", "MapSpec", "StatefulMapping"]
@@ -227,7 +227,6 @@ class StatefulMapping(abc.ABC):
         try:
             lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, self._lane_axis, hint)
         finally:
-            recorder.restore()
             for state in recorder.made:
                 state._value = None
         if self.axis_size is not None and sizes.size not in (None, self.axis_size):
@@ -264,7 +263,7 @@ class StatefulMapping(abc.ABC):
             user_axes = normalise_out_axes(self._user_out_axes(outputs), user_avals)
         except ValueError as err:
             raise ValueError(f"{self.api}: {err}") from None
-        inputs = [*call.leaves, *(leaf for s in recorder.inputs for leaf in jax.tree.leaves(s._value))]
+        inputs = [*call.leaves, *(leaf for value in recorder.before.values() for leaf in jax.tree.leaves(value))]
         decisions = decide_outputs(
             self.api, lane, recorder, outputs, user_axes, self.state_out_axes, self.policy,
             probe_batched(lane_fn, inputs, in_axes, self._lane_axis, size),
@@ -277,7 +276,7 @@ class StatefulMapping(abc.ABC):
         return Plan(
             refs=tuple(self._plans.ref(s) for s in recorder.inputs),
             ins=tuple(ins),
-            state_avals=tuple(tuple(jax.typeof(x) for x in jax.tree.leaves(s._value)) for s in recorder.inputs),
+            state_avals=tuple(tuple(map(jax.typeof, jax.tree.leaves(v))) for v in recorder.before.values()),
             outs=decisions.outs,
             made=decisions.made,
             advanced=decisions.advanced,
@@ -302,14 +301,12 @@ class StatefulMapping(abc.ABC):
         if states is None:
             raise StalePlan()
         watcher = current_watcher()
-        if watcher is not None:
-            for state in states:
-                watcher.touch(state, False)
+        values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]
         if plan.refusal is not None:
             raise BatchAxisError(plan.refusal)
         inputs = list(call.leaves)
-        for state, entry in zip(states, plan.ins):
-            inputs += entry.treedef.flatten_up_to(state._value)
+        for value, entry in zip(values, plan.ins):
+            inputs += entry.treedef.flatten_up_to(value)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
         outs = plan.program(*inputs)
@@ -335,7 +332,7 @@ def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOut
     flat = list(arrays)
     for state in recorder.written:
         if recorder.inputs[state].entry is not Entry.LANE_KEY:
-            leaves, treedef = jax.tree.flatten(state._value)
+            leaves, treedef = jax.tree.flatten(recorder.lane_values[state])
             outputs.written.append((state, treedef, len(leaves)))
             flat += leaves
     for state in recorder.made:
@@ -359,10 +356,9 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: A
         pos += out.num_leaves
     for out, key in zip(plan.advanced, outs[pos:]):
         updates.append((out.ref(), key))
-    if watcher is not None:
-        for state, _ in updates:
-            watcher.touch(state, True)
-    for state, value in updates + created:
+    for state, value in updates:
+        write_through(watcher, state, value)
+    for state, value in created:
         state._value = value
     arrays = iter(outs[: plan.num_user_leaves])
     made_index = {id(p): s for p, s in zip(plan.prototypes, made)}

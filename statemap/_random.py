@@ -100,7 +100,7 @@ class RandomState(State):
           >>> bool(rng.uniform() == a)
           True
         """
-        typed = jax.dtypes.issubdtype(self._value.dtype, jax.dtypes.prng_key)
+        typed = jax.dtypes.issubdtype(self.value.dtype, jax.dtypes.prng_key)
         self.value = to_key("RandomState.seed", seed_or_key, typed)
 
     def next_key(self) -> jax.Array:

@@ -19,9 +19,16 @@ __all__ = [
 
 
 class Watcher(Protocol):
-    """Something that is told about every state touched while it is active."""
+    """Sees every state read and write of its thread while it is innermost.
 
-    def touch(self, state: State, write: bool) -> None: ...
+    A watcher decides what a read returns and where a write goes, so a lane
+    trace can show the function tracers while ``State._value`` (what other
+    threads and outer code see) stays untouched.
+    """
+
+    def read(self, state: State) -> Any: ...
+
+    def write(self, state: State, value: Any) -> None: ...
 
     def created(self, state: State) -> None: ...
 
@@ -57,6 +64,19 @@ def pop_watcher(watcher: Watcher) -> None:
 def current_watcher() -> Watcher | None:
     """The innermost watcher of this thread, or None."""
     return _watchers.top
+
+
+def read_through(watcher: Watcher | None, state: State) -> Any:
+    """``state``'s value as ``watcher`` (None: no watcher) sees it."""
+    return state._value if watcher is None else watcher.read(state)
+
+
+def write_through(watcher: Watcher | None, state: State, value: Any) -> None:
+    """Write ``value`` to ``state`` as ``watcher`` (None: no watcher) would."""
+    if watcher is None:
+        state._value = value
+    else:
+        watcher.write(state, value)
 
 
 def _check_value(owner: str, value: Any) -> None:
@@ -123,17 +143,12 @@ class State:
     def value(self) -> Any:
         """The current value; reading it is recorded by any active trace."""
         watcher = _watchers.top
-        if watcher is not None:
-            watcher.touch(self, False)
-        return self._value
+        return self._value if watcher is None else watcher.read(self)
 
     @value.setter
     def value(self, value: Any) -> None:
         _check_value(f"{type(self).__name__}.value", value)
-        watcher = _watchers.top
-        if watcher is not None:
-            watcher.touch(self, True)
-        self._value = value
+        write_through(_watchers.top, self, value)
 
     def __repr__(self) -> str:
         fields = []

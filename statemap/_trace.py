@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from ._state import State, Watcher, pop_watcher, push_watcher
+from ._state import State, Watcher, current_watcher, pop_watcher, push_watcher, read_through, write_through
 
 __all__ = ["StateTrace"]
 
@@ -57,14 +57,18 @@ class StateTrace:
         self._active = False
         self._parent = None
 
-    def touch(self, state: State, write: bool) -> None:
-        """Record that ``state`` is about to be read (or written, if ``write``)."""
-        if self._parent is not None:
-            self._parent.touch(state, write)
+    def read(self, state: State) -> Any:
+        """Record a read of ``state`` and return its value as the enclosing code sees it."""
+        value = read_through(self._parent, state)
+        self._before.setdefault(state, value)
+        return value
+
+    def write(self, state: State, value: Any) -> None:
+        """Record a write of ``state`` and pass it outwards."""
         if state not in self._before:
-            self._before[state] = state._value
-        if write:
-            self._written[state] = None
+            self._before[state] = read_through(self._parent, state)
+        self._written[state] = None
+        write_through(self._parent, state, value)
 
     def created(self, state: State) -> None:
         """States created inside a trace are not recorded, only passed outwards."""
@@ -83,5 +87,6 @@ class StateTrace:
 
     def restore(self) -> None:
         """Put back the values every recorded state had when first touched."""
+        watcher = current_watcher()
         for state, value in self._before.items():
-            state._value = value
+            write_through(watcher, state, value)
