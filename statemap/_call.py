@@ -11,6 +11,7 @@ import jax
 from ._axes import axis_in_range, lane_aval, leaf_axes
 from ._catalogue import SizeSources
 from ._jax_internals import fast_aval
+from ._state import State
 
 if TYPE_CHECKING:
     from ._mapping import StatefulMapping
@@ -36,15 +37,32 @@ class Call:
         static_positions = {i for i, _ in self.statics}
         self.positions = [i for i in range(len(args)) if i not in static_positions]
         self.dynamic = tuple(args[i] for i in self.positions)
-        self.leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
+        self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
+        self.leaves = self.all_leaves
+        self.state_args: tuple[tuple[int, State], ...] = ()
         try:
             avals = tuple(map(fast_aval, self.leaves))
         except TypeError:
+            avals = self._without_states()
+        ids = tuple((i, id(s)) for i, s in self.state_args)
+        self.key: Hashable = (self.treedef, self.statics, avals, ids)
+
+    def _without_states(self) -> tuple[Any, ...]:
+        """Set States passed as arguments aside (they are read like closed-over ones)."""
+        self.state_args = tuple((i, x) for i, x in enumerate(self.all_leaves) if isinstance(x, State))
+        self.leaves = [x for x in self.all_leaves if not isinstance(x, State)]
+        try:
+            return tuple(map(fast_aval, self.leaves))
+        except TypeError:
             raise self._non_array_error() from None
-        self.key: Hashable = (self.treedef, self.statics, avals)
 
     def rebuild(self, leaves: Sequence[Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Positional and keyword arguments with ``leaves`` in place of the flat leaves."""
+        """Positional and keyword arguments with ``leaves`` in place of the array leaves."""
+        if self.state_args:
+            merged = list(leaves)
+            for i, state in self.state_args:
+                merged.insert(i, state)
+            leaves = merged
         dynamic, kwargs = jax.tree.unflatten(self.treedef, leaves)
         args: list[Any] = [None] * self.num_args
         for i, value in zip(self.positions, dynamic):
@@ -55,21 +73,13 @@ class Call:
 
     @cached_property
     def _paths(self) -> list[str]:
-        paths = jax.tree_util.tree_flatten_with_path((self.dynamic, self.rebuild(self.leaves)[1]))[0]
+        tree = jax.tree.unflatten(self.treedef, [0] * len(self.all_leaves))
+        paths = jax.tree_util.tree_flatten_with_path(tree)[0]
         return [_arg_name(path, self.positions) for path, _ in paths]
 
     @cached_property
-    def sizes(self) -> SizeSources:
-        """The axis size the mapped arguments imply (filled in by ``leaf_axes``)."""
-        sizes = SizeSources(self.mapping.api)
-        for name, axis, leaf in zip(self._paths, self.leaf_axes, self.leaves):
-            if axis is not None:
-                sizes.add(f"argument {name}", axis, leaf)
-        return sizes
-
-    @cached_property
-    def leaf_axes(self) -> list[int | None]:
-        """One non-negative axis (or None) per flat leaf, from ``in_axes``; kwargs use 0."""
+    def _axes(self) -> list[int | None]:
+        """One axis (or None) per leaf, States included, from ``in_axes``; kwargs use 0."""
         api, in_axes = self.mapping.api, self.mapping.in_axes
         if isinstance(in_axes, (tuple, list)):
             if len(in_axes) != self.num_args:
@@ -80,8 +90,28 @@ class Call:
                 )
             in_axes = tuple(in_axes[i] for i in self.positions)
         axes = leaf_axes(api, "in_axes", in_axes, self.dynamic, "positional arguments")
-        axes += [0] * (len(self.leaves) - len(axes))
-        return [self._checked(name, axis, leaf) for name, axis, leaf in zip(self._paths, axes, self.leaves)]
+        return axes + [0] * (len(self.all_leaves) - len(axes))
+
+    @cached_property
+    def state_arg_axes(self) -> dict[State, tuple[str, int | None]]:
+        """For each State passed as an argument: its argument name and ``in_axes`` entry."""
+        return {s: (self._paths[i], self._axes[i]) for i, s in self.state_args}
+
+    @cached_property
+    def leaf_axes(self) -> list[int | None]:
+        """One non-negative axis (or None) per array leaf."""
+        chosen = [i for i, x in enumerate(self.all_leaves) if not isinstance(x, State)]
+        return [self._checked(self._paths[i], self._axes[i], self.all_leaves[i]) for i in chosen]
+
+    @cached_property
+    def sizes(self) -> SizeSources:
+        """The axis size the mapped arguments imply (filled in by ``leaf_axes``)."""
+        sizes = SizeSources(self.mapping.api)
+        names = [p for p, x in zip(self._paths, self.all_leaves) if not isinstance(x, State)]
+        for name, axis, leaf in zip(names, self.leaf_axes, self.leaves):
+            if axis is not None:
+                sizes.add(f"argument {name}", axis, leaf)
+        return sizes
 
     @cached_property
     def lane_avals(self) -> list[Any]:
@@ -95,7 +125,7 @@ class Call:
         out: list[int] = []
         pos = 0
         for i, arg in zip(self.positions, self.dynamic):
-            n = len(jax.tree.leaves(arg))
+            n = sum(not isinstance(x, State) for x in jax.tree.leaves(arg))
             if i in donate:
                 out += range(pos, pos + n)
             pos += n
@@ -115,7 +145,9 @@ class Call:
         return fixed
 
     def _non_array_error(self) -> TypeError:
-        for name, leaf in zip(self._paths, self.leaves):
+        for name, leaf in zip(self._paths, self.all_leaves):
+            if isinstance(leaf, State):
+                continue
             try:
                 jax.typeof(leaf)
             except TypeError:

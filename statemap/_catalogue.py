@@ -73,9 +73,11 @@ class LaneRecorder(Watcher):
         state_in_axes: StateAxes,
         sizes: SizeSources,
         parent: Watcher | None,
+        arg_axes: dict[State, tuple[str, int | None]],
     ):
         self.api = api
         self.state_in_axes = state_in_axes
+        self.arg_axes = arg_axes
         self.sizes = sizes
         self.parent = parent
         self.new_input: Callable[[Any], Any] | None = None
@@ -108,6 +110,16 @@ class LaneRecorder(Watcher):
 
     def _entry(self, state: State) -> tuple[Entry, int | None]:
         selected, axis = self.state_in_axes.match(state)
+        if state in self.arg_axes:
+            name, arg_axis = self.arg_axes[state]
+            if selected and axis != arg_axis:
+                raise BatchAxisError(
+                    f"{self.api}: {describe(state)} is reached twice with different axes: "
+                    f"`in_axes` maps argument {name} on axis {arg_axis}, and `state_in_axes` "
+                    f"on axis {axis}. Give it one axis: change `in_axes`, or leave the state "
+                    f"out of `state_in_axes`."
+                )
+            selected, axis = True, arg_axis
         if selected and axis is not None:
             return Entry.SPLIT, axis
         if isinstance(state, RandomState) and not selected:

@@ -222,7 +222,7 @@ class StatefulMapping(abc.ABC):
         hint = sizes.size or self.axis_size
         if hint is not None:
             hint = self._resolve_axis_size(hint)
-        recorder = LaneRecorder(self.api, self.state_in_axes, sizes, current_watcher())
+        recorder = LaneRecorder(self.api, self.state_in_axes, sizes, current_watcher(), call.state_arg_axes)
         outputs = LaneOutputs()
         try:
             lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, self._lane_axis, hint)
@@ -275,6 +275,7 @@ class StatefulMapping(abc.ABC):
         spec = MapSpec(lane_fn, in_axes, decisions.out_axes, size, self._lane_axis, call.donated_leaves)
         return Plan(
             refs=tuple(self._plans.ref(s) for s in recorder.inputs),
+            arg_refs=tuple(self._plans.ref(s) for _, s in call.state_args),
             ins=tuple(ins),
             state_avals=tuple(tuple(map(jax.typeof, jax.tree.leaves(v))) for v in recorder.before.values()),
             outs=decisions.outs,
@@ -298,7 +299,7 @@ class StatefulMapping(abc.ABC):
 
     def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
         states = plan.states()
-        if states is None:
+        if states is None or any(ref() is not s for ref, (_, s) in zip(plan.arg_refs, call.state_args)):
             raise StalePlan()
         watcher = current_watcher()
         values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]

@@ -45,6 +45,7 @@ class Plan:
     """Everything a warm call needs: input states, the compiled program, write-back."""
 
     refs: tuple[weakref.ref, ...]
+    arg_refs: tuple[weakref.ref, ...]
     ins: tuple[StateIn, ...]
     state_avals: tuple[tuple[Any, ...], ...]
     outs: tuple[StateOut, ...]
