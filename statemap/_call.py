@@ -30,6 +30,8 @@ def _arg_name(path: Sequence[Any], positions: Sequence[int]) -> str:
 class Call:
     """The arguments of one call, flattened; plan-time facts are computed on demand."""
 
+    state_args: tuple[tuple[int, State], ...] = ()
+
     def __init__(self, mapping: StatefulMapping, args: tuple, kwargs: dict[str, Any]):
         self.mapping = mapping
         self.num_args = len(args)
@@ -39,13 +41,12 @@ class Call:
         self.dynamic = tuple(args[i] for i in self.positions)
         self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
-        self.state_args: tuple[tuple[int, State], ...] = ()
         try:
             avals = tuple(map(fast_aval, self.leaves))
         except TypeError:
             avals = self._without_states()
-        ids = tuple((i, id(s)) for i, s in self.state_args)
-        self.key: Hashable = (self.treedef, self.statics, avals, ids)
+        identities = tuple((position, id(state)) for position, state in self.state_args)
+        self.key: Hashable = (self.treedef, self.statics, avals, identities)
 
     def _without_states(self) -> tuple[Any, ...]:
         """Set States passed as arguments aside (they are read like closed-over ones)."""

@@ -252,12 +252,7 @@ class StatefulMapping(abc.ABC):
     ) -> Plan:
         ins = list(recorder.inputs.values())
         in_axes = (*call.leaf_axes, *state_in_axes_per_leaf(ins))
-        key_positions, pos = [], len(call.leaves)
-        for entry in ins:
-            if entry.entry is Entry.LANE_KEY:
-                key_positions.append(pos)
-            pos += len(entry.leaf_axes)
-        lane_fn = make_lane_fn(lane, key_positions, self._lane_key)
+        lane_fn = make_lane_fn(lane, len(call.leaves), ins, self._lane_key)
         user_avals = lane.out_avals[: outputs.num_user_leaves]
         try:
             user_axes = normalise_out_axes(self._user_out_axes(outputs), user_avals)

@@ -46,10 +46,19 @@ class Decisions:
 
 def make_lane_fn(
     lane: LaneJaxpr,
-    key_positions: Sequence[int],
+    num_args: int,
+    ins: Sequence[StateIn],
     lane_key: Callable[[Any, Any], Any],
 ) -> Callable[..., list[Any]]:
-    """The per-lane program: derive lane keys, evaluate the lane, return outputs and advanced keys."""
+    """The per-lane program: derive lane keys, evaluate the lane, return outputs and advanced keys.
+
+    Its inputs are the ``num_args`` argument leaves, then the leaves of ``ins``.
+    """
+    key_positions, pos = [], num_args
+    for entry in ins:
+        if entry.entry is Entry.LANE_KEY:
+            key_positions.append(pos)
+        pos += len(entry.leaf_axes)
     expected = [(aval.shape, aval.dtype) for aval in lane.in_avals]
 
     def lane_fn(lane_index: Any, *inputs: Any) -> list[Any]:

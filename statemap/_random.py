@@ -29,10 +29,12 @@ def is_key(value: Any) -> bool:
 
 def to_key(owner: str, seed_or_key: Any, typed: bool = False) -> Any:
     """Turn a seed (int or None) or a key into a key, naming ``owner`` in errors."""
-    if seed_or_key is None:
+    if seed_or_key is None and not typed:
         # A legacy key built on the host, so that creating a RandomState (and
         # importing statemap.random) does not start JAX's backend.
         return np.array([0, secrets.randbits(31)], dtype=np.uint32)
+    if seed_or_key is None:
+        seed_or_key = secrets.randbits(31)
     if isinstance(seed_or_key, (int, np.integer)) and not isinstance(seed_or_key, bool):
         return jax.random.key(seed_or_key) if typed else jax.random.PRNGKey(seed_or_key)
     if is_key(seed_or_key):
