@@ -6,6 +6,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
 
 import jax
+import jax.numpy as jnp
 
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._plan import Plan
@@ -86,17 +87,24 @@ class PMapMapping(StatefulMapping):
         def lane(*inputs: Any) -> list[Any]:
             return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)
 
-        unmapped = all(axis is None for axis in spec.in_axes)
-        return jax.pmap(
-            lane,
-            axis_name=spec.axis_name,
-            in_axes=spec.in_axes,
-            out_axes=spec.out_axes,
-            devices=self.devices,
-            backend=self.backend,
-            axis_size=spec.axis_size if unmapped else None,
-            donate_argnums=spec.donated,
-        )
+        def pmapped(fn: Callable[..., Any], in_axes: tuple[int | None, ...], donated: tuple[int, ...]) -> Any:
+            return jax.pmap(
+                fn,
+                axis_name=spec.axis_name,
+                in_axes=in_axes,
+                out_axes=spec.out_axes,
+                devices=self.devices,
+                backend=self.backend,
+                donate_argnums=donated,
+            )
+
+        if any(axis is not None for axis in spec.in_axes):
+            return pmapped(lane, spec.in_axes, spec.donated)
+        # jax.pmap needs a mapped input even with axis_size: give it the lane
+        # indices, sharded once so that calls do not copy them to the devices.
+        indices = jax.pmap(lambda i: i, devices=self.devices, backend=self.backend)(jnp.arange(spec.axis_size))
+        program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
+        return lambda *inputs: program(indices, *inputs)
 
     def _device_count(self) -> int:
         return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
