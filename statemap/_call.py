@@ -108,6 +108,9 @@ class Call:
     def sizes(self) -> SizeSources:
         """The axis size the mapped arguments imply (filled in by ``leaf_axes``)."""
         sizes = SizeSources(self.mapping.api)
+        if self.mapping.axis_size is not None:
+            size = self.mapping.axis_size
+            sizes.add_size("`axis_size`", size, f"`axis_size` is {size}")
         names = [p for p, x in zip(self._paths, self.all_leaves) if not isinstance(x, State)]
         for name, axis, leaf in zip(names, self.leaf_axes, self.leaves):
             if axis is not None:

@@ -45,13 +45,21 @@ class SizeSources:
     origin: str | None = None
     seen: list[str] = attrs.field(factory=list)
 
+    def copy(self) -> SizeSources:
+        """An independent copy, for one trace to add states to."""
+        return attrs.evolve(self, seen=list(self.seen))
+
     def add(self, origin: str, axis: int, leaf: Any) -> None:
         """Record that ``origin`` maps ``leaf`` on ``axis``; raise if sizes disagree."""
         shape = tuple(np.shape(leaf))
-        size = shape[axis]
-        self.seen.append(f"  * {origin} has axis {axis} of size {size} (shape {shape}, dtype {leaf.dtype})")
+        detail = f"{origin} has axis {axis} of size {shape[axis]} (shape {shape}, dtype {leaf.dtype})"
+        self.add_size(f"{origin}, axis {axis}", shape[axis], detail)
+
+    def add_size(self, origin: str, size: int, detail: str) -> None:
+        """Record that ``origin`` gives ``size``; raise if sizes disagree."""
+        self.seen.append(f"  * {detail}")
         if self.size is None:
-            self.size, self.origin = size, f"{origin}, axis {axis}"
+            self.size, self.origin = size, origin
         elif size != self.size:
             bullets = "\n".join(self.seen)
             raise ValueError(

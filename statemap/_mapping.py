@@ -16,7 +16,7 @@ import jax
 from ._axes import StateAxes, check_axes_tree, leaf_axes
 from ._cache import PlanCache
 from ._call import Call
-from ._catalogue import Entry, LaneRecorder
+from ._catalogue import Entry, LaneRecorder, SizeSources
 from ._explain import Explanation
 from ._jax_internals import trace_lane
 from ._plan import Exit, Plan, StalePlan
@@ -218,10 +218,30 @@ class StatefulMapping(abc.ABC):
         return Explanation(self.api, self.__name__, plan, self._explain_lines(plan))
 
     def _build(self, call: Call) -> tuple[Plan, list[State]]:
-        sizes = call.sizes
-        hint = sizes.size or self.axis_size
-        if hint is not None:
-            hint = self._resolve_axis_size(hint)
+        hint = None if call.sizes.size is None else self._resolve_axis_size(call.sizes.size)
+        sizes = call.sizes.copy()
+        try:
+            lane, recorder, outputs = self._trace(call, sizes, hint)
+        except TypeError as err:
+            if hint is not None:
+                raise
+            # The function needed the size while tracing (``psum`` of a constant,
+            # ``axis_size``) and only split states give it: trace again with it.
+            try:
+                hint = self._resolve_axis_size(sizes.size)
+            except ValueError:
+                raise ValueError(
+                    f"{self.api}: the function needs the axis size while it is traced "
+                    f"(`jax.lax.psum` of a constant, `jax.lax.axis_size`), before any mapped "
+                    f"argument or split state gives it. Pass `axis_size=n`."
+                ) from err
+            sizes = call.sizes.copy()
+            lane, recorder, outputs = self._trace(call, sizes, hint)
+        size = self._resolve_axis_size(sizes.size)
+        origin = sizes.origin or f"the {type(self).__name__} default"
+        return self._make_plan(call, lane, recorder, outputs, size, origin), list(recorder.made)
+
+    def _trace(self, call: Call, sizes: SizeSources, hint: int | None) -> tuple[Any, LaneRecorder, LaneOutputs]:
         recorder = LaneRecorder(self.api, self.state_in_axes, sizes, current_watcher(), call.state_arg_axes)
         outputs = LaneOutputs()
         try:
@@ -229,10 +249,7 @@ class StatefulMapping(abc.ABC):
         finally:
             for state in recorder.made:
                 state._value = None
-        if self.axis_size is not None and sizes.size not in (None, self.axis_size):
-            sizes.add("`axis_size`", 0, jax.ShapeDtypeStruct((self.axis_size,), "int32"))
-        size = self._resolve_axis_size(sizes.size or self.axis_size)
-        return self._make_plan(call, lane, recorder, outputs, size, sizes.origin or "`axis_size`"), list(recorder.made)
+        return lane, recorder, outputs
 
     def _lane_body(self, call: Call, recorder: LaneRecorder, outputs: LaneOutputs) -> Callable[..., list[Any]]:
         def body(new_input: Callable[[Any], Any], arg_tracers: Sequence[Any]) -> list[Any]:
