@@ -34,6 +34,11 @@ class StateIn:
     axis: int | None
     leaf_axes: tuple[int | None, ...]
     treedef: Any
+    is_leaf: bool = attrs.field(init=False)
+
+    @is_leaf.default
+    def _is_leaf(self) -> bool:
+        return jax.tree_util.treedef_is_leaf(self.treedef)
 
 
 @attrs.define

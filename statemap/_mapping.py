@@ -319,7 +319,13 @@ class StatefulMapping(abc.ABC):
             raise BatchAxisError(plan.refusal)
         inputs = list(call.leaves)
         for value, entry in zip(values, plan.ins):
-            inputs += entry.treedef.flatten_up_to(value)
+            if entry.is_leaf:
+                inputs.append(value)
+                continue
+            leaves, treedef = jax.tree.flatten(value)
+            if treedef != entry.treedef:
+                raise StalePlan()
+            inputs += leaves
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
         outs = plan.program(*inputs)
@@ -360,12 +366,12 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: A
     pos = plan.num_user_leaves
     updates: list[tuple[Any, Any]] = []
     for out in plan.outs:
-        updates.append((out.ref(), out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
+        updates.append((out.ref(), out.value(outs, pos)))
         pos += out.num_leaves
     made = made if made is not None else [copy.copy(p) for p in plan.prototypes]
     created: list[tuple[State, Any]] = []
     for state, out in zip(made, plan.made):
-        created.append((state, out.treedef.unflatten(outs[pos : pos + out.num_leaves])))
+        created.append((state, out.value(outs, pos)))
         pos += out.num_leaves
     for out, key in zip(plan.advanced, outs[pos:]):
         updates.append((out.ref(), key))

@@ -38,6 +38,15 @@ class StateOut:
     axis: int | None
     treedef: Any
     num_leaves: int
+    is_leaf: bool = attrs.field(init=False)
+
+    @is_leaf.default
+    def _is_leaf(self) -> bool:
+        return jax.tree_util.treedef_is_leaf(self.treedef)
+
+    def value(self, outs: Sequence[Any], pos: int) -> Any:
+        """This state's new value from the program's outputs, starting at ``pos``."""
+        return outs[pos] if self.is_leaf else self.treedef.unflatten(outs[pos : pos + self.num_leaves])
 
 
 @attrs.frozen(eq=False)

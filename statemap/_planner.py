@@ -62,9 +62,7 @@ def make_lane_fn(
     expected = [(aval.shape, aval.dtype) for aval in lane.in_avals]
 
     def lane_fn(lane_index: Any, *inputs: Any) -> list[Any]:
-        if len(inputs) != len(expected) or any(
-            (np.shape(x), jax.typeof(x).dtype) != want for x, want in zip(inputs, expected)
-        ):
+        if not _fits(inputs, expected):
             raise StalePlan()
         values = list(inputs)
         advanced = []
@@ -75,6 +73,13 @@ def make_lane_fn(
         return [*eval_lane(lane, values), *advanced]
 
     return lane_fn
+
+
+def _fits(inputs: Sequence[Any], expected: Sequence[tuple[Any, Any]]) -> bool:
+    """Whether a retrace's lane inputs are those the plan was traced for."""
+    if len(inputs) != len(expected) or not all(isinstance(x, jax.Array) for x in inputs):
+        return False
+    return all((np.shape(x), jax.typeof(x).dtype) == want for x, want in zip(inputs, expected))
 
 
 def _stack_axes(api: str, state: State, axis: int, avals: Sequence[Any]) -> list[int]:
