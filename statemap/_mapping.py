@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import copy
 import threading
 import warnings
 import weakref
@@ -16,12 +15,13 @@ import jax
 from ._axes import StateAxes, check_axes_tree, leaf_axes
 from ._cache import PlanCache
 from ._call import Call
-from ._catalogue import Entry, LaneRecorder, SizeSources
+from ._catalogue import LaneRecorder, SizeSources
 from ._explain import Explanation
 from ._jax_internals import trace_lane
-from ._plan import Exit, Plan, StalePlan
+from ._plan import Plan, StalePlan
 from ._planner import (
     LaneOutputs,
+    collect_outputs,
     decide_outputs,
     make_lane_fn,
     normalise_out_axes,
@@ -29,7 +29,8 @@ from ._planner import (
     state_in_axes_per_leaf,
 )
 from ._policy import PolicyName, WritePolicy
-from ._state import State, current_watcher, pop_watcher, push_watcher, write_through
+from ._state import State, current_watcher, pop_watcher, push_watcher
+from ._writeback import commit, detached
 from .errors import BatchAxisError
 
 __all__ = ["MISSING", "MapSpec", "StatefulMapping"]
@@ -280,7 +281,7 @@ class StatefulMapping(abc.ABC):
             self.api, lane, recorder, outputs, user_axes, self.state_out_axes, self.policy,
             probe_batched(lane_fn, inputs, in_axes, self._lane_axis, size),
         )
-        prototypes = {s: _detached(s) for s, _, _ in outputs.made}
+        prototypes = {s: detached(s) for s, _, _ in outputs.made}
         slots = tuple(
             None if s is None else prototypes[s] if s in prototypes else weakref.ref(s) for s in outputs.out_slots
         )
@@ -330,69 +331,6 @@ class StatefulMapping(abc.ABC):
             warnings.warn(message, UserWarning, stacklevel=3)
         outs = plan.program(*inputs)
         return commit(plan, outs, made, watcher)
-
-
-def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOutputs) -> list[Any]:
-    """Flatten what the lane returned and wrote into the lane jaxpr's outputs."""
-    leaves, outputs.out_tree = jax.tree.flatten(out)
-    arrays = []
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, State):
-            outputs.out_slots.append(leaf)
-        elif isinstance(leaf, (jax.Array, int, float, complex, bool)) or hasattr(leaf, "__jax_array__"):
-            outputs.out_slots.append(None)
-            arrays.append(leaf)
-        else:
-            raise TypeError(
-                f"{api}: the function returned a {type(leaf).__name__} ({leaf!r}) as output "
-                f"leaf {i}; a mapped function may return arrays and States (in any pytree)."
-            )
-    outputs.num_user_leaves = len(arrays)
-    flat = list(arrays)
-    for state in recorder.written:
-        if recorder.inputs[state].entry is not Entry.LANE_KEY:
-            leaves, treedef = jax.tree.flatten(recorder.lane_values[state])
-            outputs.written.append((state, treedef, len(leaves)))
-            flat += leaves
-    for state in recorder.made:
-        leaves, treedef = jax.tree.flatten(state._value)
-        outputs.made.append((state, treedef, len(leaves)))
-        flat += leaves
-    return flat
-
-
-def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: Any) -> Any:
-    """Write the program's outputs back to the states and rebuild the user's output."""
-    pos = plan.num_user_leaves
-    updates: list[tuple[Any, Any]] = []
-    for out in plan.outs:
-        updates.append((out.ref(), out.value(outs, pos)))
-        pos += out.num_leaves
-    made = made if made is not None else [copy.copy(p) for p in plan.prototypes]
-    created: list[tuple[State, Any]] = []
-    for state, out in zip(made, plan.made):
-        created.append((state, out.value(outs, pos)))
-        pos += out.num_leaves
-    for out, key in zip(plan.advanced, outs[pos:]):
-        updates.append((out.ref(), key))
-    for state, value in updates:
-        write_through(watcher, state, value)
-    for state, value in created:
-        state._value = value
-    arrays = iter(outs[: plan.num_user_leaves])
-    made_index = {id(p): s for p, s in zip(plan.prototypes, made)}
-    leaves = [next(arrays) if slot is None else _returned_state(slot, made_index) for slot in plan.out_slots]
-    return jax.tree.unflatten(plan.out_tree, leaves)
-
-
-def _returned_state(slot: Any, made_index: dict[int, State]) -> State:
-    return made_index[id(slot)] if isinstance(slot, State) else slot()
-
-
-def _detached(state: State) -> State:
-    clone = copy.copy(state)
-    clone._value = None
-    return clone
 
 
 def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:

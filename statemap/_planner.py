@@ -18,7 +18,7 @@ from ._policy import WritePolicy
 from ._state import State, describe
 from .errors import BatchAxisError
 
-__all__ = ["Decisions", "LaneOutputs", "decide_outputs", "make_lane_fn"]
+__all__ = ["Decisions", "LaneOutputs", "collect_outputs", "decide_outputs", "make_lane_fn"]
 
 
 @attrs.define
@@ -255,3 +255,32 @@ def normalise_out_axes(axes: list[int | None], avals: Sequence[Any]) -> list[int
             )
         fixed.append(good)
     return fixed
+
+
+def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOutputs) -> list[Any]:
+    """Flatten what the lane returned and wrote into the lane jaxpr's outputs."""
+    leaves, outputs.out_tree = jax.tree.flatten(out)
+    arrays = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, State):
+            outputs.out_slots.append(leaf)
+        elif isinstance(leaf, (jax.Array, int, float, complex, bool)) or hasattr(leaf, "__jax_array__"):
+            outputs.out_slots.append(None)
+            arrays.append(leaf)
+        else:
+            raise TypeError(
+                f"{api}: the function returned a {type(leaf).__name__} ({leaf!r}) as output "
+                f"leaf {i}; a mapped function may return arrays and States (in any pytree)."
+            )
+    outputs.num_user_leaves = len(arrays)
+    flat = list(arrays)
+    for state in recorder.written:
+        if recorder.inputs[state].entry is not Entry.LANE_KEY:
+            leaves, treedef = jax.tree.flatten(recorder.lane_values[state])
+            outputs.written.append((state, treedef, len(leaves)))
+            flat += leaves
+    for state in recorder.made:
+        leaves, treedef = jax.tree.flatten(state._value)
+        outputs.made.append((state, treedef, len(leaves)))
+        flat += leaves
+    return flat

@@ -5,7 +5,15 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from ._state import State, Watcher, current_watcher, pop_watcher, push_watcher, read_through, write_through
+from ._state import (
+    State,
+    Watcher,
+    current_watcher,
+    pop_watcher,
+    push_watcher,
+    read_through,
+    write_through,
+)
 
 __all__ = ["StateTrace"]
 
