@@ -146,6 +146,9 @@ class StatefulMapping(abc.ABC):
         self.__name__ = getattr(fn, "__name__", type(self).__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__name__}, axis_name={self.axis_name!r})"
+
     # Hooks for subclasses.
 
     @abc.abstractmethod

@@ -166,7 +166,22 @@ def pmap(
 ) -> Callable[[F], PMapMapping]: ...
 
 
-def pmap(fn: Any = MISSING, axis_name: Hashable | None = None, **keywords: Any) -> Any:
+def pmap(
+    fn: Any = MISSING,
+    axis_name: Hashable | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[jax.Device] | None = None,
+    backend: str | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    global_arg_shapes: Any = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> Any:
     """Map a stateful function over devices, like ``jax.pmap``.
 
     The same rules as :func:`statemap.vmap` apply to states (and lane i gets
@@ -199,6 +214,24 @@ def pmap(fn: Any = MISSING, axis_name: Hashable | None = None, **keywords: Any) 
       >>> w.value
       Array([0.9, 0.9, 0.9], dtype=float32)
     """
+    keywords = dict(
+        in_axes=in_axes,
+        out_axes=out_axes,
+        static_broadcasted_argnums=static_broadcasted_argnums,
+        devices=devices,
+        backend=backend,
+        axis_size=axis_size,
+        donate_argnums=donate_argnums,
+        global_arg_shapes=global_arg_shapes,
+        state_in_axes=state_in_axes,
+        state_out_axes=state_out_axes,
+        unexpected_out_state_mapping=unexpected_out_state_mapping,
+    )
     if fn is MISSING:
+        PMapMapping(_validate_only, axis_name, **keywords)
         return lambda f: PMapMapping(f, axis_name, **keywords)
     return PMapMapping(fn, axis_name, **keywords)
+
+
+def _validate_only(*args: Any) -> None:
+    """Stands in for the function when ``pmap(...)`` checks its arguments before decorating."""

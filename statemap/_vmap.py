@@ -109,7 +109,18 @@ def vmap(
 ) -> Callable[[F], VMapMapping]: ...
 
 
-def vmap(fn: Any = MISSING, **keywords: Any) -> Any:
+def vmap(
+    fn: Any = MISSING,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_name: Hashable | None = None,
+    axis_size: int | None = None,
+    spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    state_in_axes: Any = None,
+    state_out_axes: Any = None,
+    unexpected_out_state_mapping: PolicyName | str = "raise",
+) -> Any:
     """Map a stateful function over a batch axis, like ``jax.vmap``.
 
     States the function reads are broadcast unless ``state_in_axes`` splits
@@ -145,6 +156,21 @@ def vmap(fn: Any = MISSING, **keywords: Any) -> Any:
       >>> h.value.shape
       (3, 2)
     """
+    keywords = dict(
+        in_axes=in_axes,
+        out_axes=out_axes,
+        axis_name=axis_name,
+        axis_size=axis_size,
+        spmd_axis_name=spmd_axis_name,
+        state_in_axes=state_in_axes,
+        state_out_axes=state_out_axes,
+        unexpected_out_state_mapping=unexpected_out_state_mapping,
+    )
     if fn is MISSING:
+        VMapMapping(_validate_only, **keywords)
         return lambda f: VMapMapping(f, **keywords)
     return VMapMapping(fn, **keywords)
+
+
+def _validate_only(*args: Any) -> None:
+    """Stands in for the function when ``vmap(...)`` checks its arguments before decorating."""
