@@ -339,6 +339,11 @@ def test_global_arg_shapes_raises():
         statemap.pmap(lambda x: x, global_arg_shapes=((3,),))
     with pytest.raises(ValueError, match=r"`global_arg_shapes`"):
         statemap.PMapMapping(lambda x: x, global_arg_shapes=((3,),))
+    with pytest.raises(ValueError, match=r"`global_arg_shapes`"):  # decorator form: before any call
+
+        @statemap.pmap(axis_name="i", global_arg_shapes=((3,),))
+        def f(x):
+            return x
 
 
 def test_unknown_policy_raises_at_construction():
