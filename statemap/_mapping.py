@@ -103,6 +103,7 @@ class StatefulMapping(abc.ABC):
     """
 
     api: str = "statemap.StatefulMapping"
+    default_size_origin: str = "the mapping's default"
 
     def __init__(
         self,
@@ -242,7 +243,7 @@ class StatefulMapping(abc.ABC):
             sizes = call.sizes.copy()
             lane, recorder, outputs = self._trace(call, sizes, hint)
         size = self._resolve_axis_size(sizes.size)
-        origin = sizes.origin or f"the {type(self).__name__} default"
+        origin = sizes.origin or self.default_size_origin
         return self._make_plan(call, lane, recorder, outputs, size, origin), list(recorder.made)
 
     def _trace(self, call: Call, sizes: SizeSources, hint: int | None) -> tuple[Any, LaneRecorder, LaneOutputs]:

@@ -39,6 +39,7 @@ class PMapMapping(StatefulMapping):
     """
 
     api = "statemap.pmap"
+    default_size_origin = "the number of devices"
 
     def __init__(
         self,
