@@ -23,7 +23,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402  (XLA_FLAGS must be set first)
 import numpy as np  # noqa: E402
-from workload import D, H, RNNCell, interleaved, print_warm, raw_lane  # noqa: E402
+from workload import D, H, RNNCell, interleaved, load, print_warm, raw_lane  # noqa: E402
 
 import statemap  # noqa: E402
 
@@ -127,9 +127,10 @@ def run(lanes: int, counter: CompileCounter, calls: int = 20, reps: int = 101) -
 def main() -> None:
     counter = CompileCounter()
     print(f"statemap.pmap vs jax.pmap: RNN cell, one lane per device, H={H}, D={D}")
-    print(f"jax {jax.__version__}, {jax.device_count()} CPU devices on {os.cpu_count()} cores")
+    print(f"jax {jax.__version__}, {jax.device_count()} CPU devices; load {load()}")
     for lanes in (4, 8):
         run(lanes, counter)
+    print(f"\nload at the end: {load()}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ See benchmarks/README.md for what the figures mean.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import numpy as np
-from workload import D, H, RNNCell, Timing, interleaved, print_warm, raw_lane, us
+from workload import D, H, RNNCell, Timing, interleaved, load, print_warm, raw_lane, us
 
 import statemap
 
@@ -115,7 +114,7 @@ def scaling(reps: int = 61) -> None:
 
 def main() -> None:
     print(f"statemap.vmap vs jax.jit(jax.vmap(...)): RNN cell, B={B} lanes, H={H}, D={D}")
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s), {os.cpu_count()} cores")
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s); load {load()}")
     check_same_numbers()
     print("same seed, same numbers: statemap and raw agree (output, hidden state, key)")
     cold_call()
@@ -124,6 +123,7 @@ def main() -> None:
     print("warm call, blocking on every call's results (medians of interleaved blocks):")
     print_warm("statemap.vmap", "jit(vmap) by hand", times)
     scaling()
+    print(f"load at the end: {load()}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ lane keys the way statemap does (``split`` the parent key once, then
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -119,6 +120,11 @@ def print_warm(statemap_label: str, raw_label: str, times: dict[str, Timing]) ->
     print(f"ratio statemap/raw: {sm.wall / raw.wall:.3f} (wall)")
     wall, cpu = (sm.wall - raw.wall) * 1e6, (sm.cpu - raw.cpu) * 1e6
     print(f"overhead per call: {wall:+.1f} µs wall, {cpu:+.1f} µs caller CPU")
+
+
+def load() -> str:
+    """The machine's 1-minute load average: figures taken under load are noisier."""
+    return f"{os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)"
 
 
 def us(seconds: float) -> str:
