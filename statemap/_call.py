@@ -11,7 +11,8 @@ import jax
 from ._axes import axis_in_range, lane_aval, leaf_axes
 from ._catalogue import SizeSources
 from ._jax_internals import fast_aval
-from ._state import State
+from ._state import State, describe
+from .errors import BatchAxisError
 
 if TYPE_CHECKING:
     from ._mapping import StatefulMapping
@@ -96,7 +97,17 @@ class Call:
     @cached_property
     def state_arg_axes(self) -> dict[State, tuple[str, int | None]]:
         """For each State passed as an argument: its argument name and ``in_axes`` entry."""
-        return {s: (self._paths[i], self._axes[i]) for i, s in self.state_args}
+        found: dict[State, tuple[str, int | None]] = {}
+        for i, state in self.state_args:
+            name, axis = self._paths[i], self._axes[i]
+            if state in found and found[state][1] != axis:
+                raise BatchAxisError(
+                    f"{self.mapping.api}: {describe(state)} is reached twice with different "
+                    f"axes: `in_axes` maps argument {found[state][0]} on axis {found[state][1]} "
+                    f"and argument {name} on axis {axis}. Pass it once, or give both the same axis."
+                )
+            found.setdefault(state, (name, axis))
+        return found
 
     @cached_property
     def leaf_axes(self) -> list[int | None]:

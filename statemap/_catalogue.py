@@ -12,7 +12,7 @@ import numpy as np
 
 from ._axes import StateAxes, axis_in_range, lane_aval
 from ._random import RandomState, is_key
-from ._state import State, Watcher, describe, read_through
+from ._state import State, Watcher, describe, label, read_through
 from .errors import BatchAxisError
 
 __all__ = ["Entry", "LaneRecorder", "SizeSources", "StateIn"]
@@ -165,5 +165,5 @@ class LaneRecorder(Watcher):
                 f"which is out of range for a value of rank {ndim}. Use an axis in "
                 f"[{-ndim}, {ndim}), or leave the state out of `state_in_axes` to broadcast it."
             )
-        self.sizes.add(describe(state), fixed, leaf)
+        self.sizes.add(label(state), fixed, leaf)
         return fixed

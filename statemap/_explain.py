@@ -7,17 +7,13 @@ import jax
 
 from ._catalogue import Entry, StateIn
 from ._plan import Exit, Plan, StateOut
-from ._state import State
+from ._state import State, label
 
 __all__ = ["Explanation"]
 
 
 def _label(state: State) -> str:
-    name = type(state).__name__
-    if state.name is not None:
-        name += f" {state.name!r}"
-    elif state.tag is not None:
-        name += f" tagged {state.tag!r}"
+    name = label(state)
     leaves = jax.tree.leaves(state._value)
     if len(leaves) == 1:
         name += f" {tuple(leaves[0].shape)}"

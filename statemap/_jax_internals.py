@@ -36,6 +36,11 @@ class LaneJaxpr:
         return [v.aval for v in self.jaxpr.invars]
 
     @property
+    def has_effects(self) -> bool:
+        """Whether the lane has side effects, such as host callbacks."""
+        return bool(self.jaxpr.effects)
+
+    @property
     def out_avals(self) -> list[Any]:
         return [v.aval for v in self.jaxpr.outvars]
 

@@ -29,7 +29,7 @@ from ._planner import (
     state_in_axes_per_leaf,
 )
 from ._policy import PolicyName, WritePolicy
-from ._state import State, current_watcher, pop_watcher, push_watcher
+from ._state import State, current_watcher, pop_watcher, push_watcher, read_through
 from ._writeback import commit, detached
 from .errors import BatchAxisError
 
@@ -216,7 +216,7 @@ class StatefulMapping(abc.ABC):
         """
         call = Call(self, args, kwargs)
         with _CALL_LOCK:
-            plan = next((p for p in self._plans.get(call.key) if p.fits()), None)
+            plan = next((p for p in self._plans.get(call.key) if self._fits(p)), None)
             if plan is None:
                 plan, _ = self._build(call)
                 self._plans.add(call.key, plan)
@@ -276,10 +276,7 @@ class StatefulMapping(abc.ABC):
         in_axes = (*call.leaf_axes, *state_in_axes_per_leaf(ins))
         lane_fn = make_lane_fn(lane, len(call.leaves), ins, self._lane_key)
         user_avals = lane.out_avals[: outputs.num_user_leaves]
-        try:
-            user_axes = normalise_out_axes(self._user_out_axes(outputs), user_avals)
-        except ValueError as err:
-            raise ValueError(f"{self.api}: {err}") from None
+        user_axes = normalise_out_axes(self.api, self._user_out_axes(outputs), user_avals)
         inputs = [*call.leaves, *(leaf for value in recorder.before.values() for leaf in jax.tree.leaves(value))]
         decisions = decide_outputs(
             self.api, lane, recorder, outputs, user_axes, self.state_out_axes, self.policy,
@@ -303,6 +300,7 @@ class StatefulMapping(abc.ABC):
             out_slots=slots,
             num_user_leaves=outputs.num_user_leaves,
             program=self._map(spec),
+            effects=lane.has_effects,
             axis_size=size,
             size_origin=origin,
             refusal=decisions.refusal,
@@ -313,6 +311,10 @@ class StatefulMapping(abc.ABC):
         tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))
         axes = leaf_axes(self.api, "out_axes", self.out_axes, tree, "outputs")
         return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
+
+    def _fits(self, plan: Plan) -> bool:
+        states = plan.states()
+        return states is not None and plan.fits([read_through(current_watcher(), s) for s in states])
 
     def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
         states = plan.states()
@@ -333,7 +335,15 @@ class StatefulMapping(abc.ABC):
             inputs += leaves
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
-        outs = plan.program(*inputs)
+        try:
+            outs = plan.program(*inputs)
+            if plan.effects:
+                # A host callback may fail after dispatch: wait, so a failed call writes nothing.
+                jax.block_until_ready(outs)
+        except Exception:
+            if not plan.fits(values):
+                raise StalePlan() from None
+            raise
         return commit(plan, outs, made, watcher)
 
 

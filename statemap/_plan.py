@@ -65,6 +65,7 @@ class Plan:
     out_slots: tuple[Any, ...]
     num_user_leaves: int
     program: Callable[..., Sequence[Any]]
+    effects: bool
     axis_size: int
     size_origin: str
     refusal: str | None
@@ -75,12 +76,11 @@ class Plan:
         states = [ref() for ref in self.refs]
         return None if any(s is None for s in states) else states  # type: ignore[return-value]
 
-    def fits(self) -> bool:
-        """Whether the input states are alive and still have the shapes planned for."""
-        states = self.states()
-        return states is not None and all(
-            tuple(jax.typeof(x) for x in jax.tree.leaves(s._value)) == avals
-            for s, avals in zip(states, self.state_avals)
+    def fits(self, values: Sequence[Any]) -> bool:
+        """Whether ``values`` (one per input state) have the structure and shapes planned for."""
+        return all(
+            tuple(map(jax.typeof, jax.tree.leaves(value))) == avals
+            for value, avals in zip(values, self.state_avals)
         )
 
 

@@ -239,7 +239,7 @@ def state_in_axes_per_leaf(ins: Sequence[StateIn]) -> list[int | None]:
     return [axis if entry.entry is Entry.SPLIT else None for entry in ins for axis in entry.leaf_axes]
 
 
-def normalise_out_axes(axes: list[int | None], avals: Sequence[Any]) -> list[int | None]:
+def normalise_out_axes(api: str, axes: list[int | None], avals: Sequence[Any]) -> list[int | None]:
     """Non-negative user ``out_axes``, checked against each output's rank plus one."""
     fixed: list[int | None] = []
     for axis, aval in zip(axes, avals):
@@ -250,7 +250,7 @@ def normalise_out_axes(axes: list[int | None], avals: Sequence[Any]) -> list[int
         good = axis_in_range(axis, ndim)
         if good is None:
             raise ValueError(
-                f"`out_axes` {axis} is out of range for an output of lane shape "
+                f"{api}: `out_axes` {axis} is out of range for an output of lane shape "
                 f"{tuple(aval.shape)}; use an axis in [{-ndim}, {ndim})."
             )
         fixed.append(good)

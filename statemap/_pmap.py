@@ -69,6 +69,11 @@ class PMapMapping(StatefulMapping):
                 raise TypeError(f"{self.api}: `devices` must be a non-empty sequence of jax.Device, got {devices!r}.")
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"{self.api}: `backend` must be a str such as 'cpu', got {backend!r}.")
+        if backend is not None:
+            try:
+                jax.devices(backend)
+            except RuntimeError as err:
+                raise ValueError(f"{self.api}: `backend` {backend!r} is not available here: {err}") from None
         super().__init__(
             fn,
             in_axes=in_axes,

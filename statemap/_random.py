@@ -143,7 +143,8 @@ class RandomState(State):
           >>> statemap.RandomState(0).normal((2, 3)).shape
           (2, 3)
         """
-        return jax.random.normal(self.next_key(), _shape("normal", shape), dtype)
+        shape = _shape("normal", shape)
+        return jax.random.normal(self.next_key(), shape, dtype)
 
     def uniform(
         self, shape: Shape | None = (), dtype: Any = float, minval: Any = 0.0, maxval: Any = 1.0
@@ -156,7 +157,8 @@ class RandomState(State):
           >>> bool(((x >= 2.0) & (x < 3.0)).all())
           True
         """
-        return jax.random.uniform(self.next_key(), _shape("uniform", shape), dtype, minval, maxval)
+        shape = _shape("uniform", shape)
+        return jax.random.uniform(self.next_key(), shape, dtype, minval, maxval)
 
     def randint(self, shape: Shape | None, minval: Any, maxval: Any, dtype: Any = int) -> jax.Array:
         """Integers in ``[minval, maxval)``, as ``jax.random.randint``.
@@ -167,7 +169,8 @@ class RandomState(State):
           >>> bool(((x >= 0) & (x < 3)).all())
           True
         """
-        return jax.random.randint(self.next_key(), _shape("randint", shape), minval, maxval, dtype)
+        shape = _shape("randint", shape)
+        return jax.random.randint(self.next_key(), shape, minval, maxval, dtype)
 
     def bernoulli(self, shape: Shape | None = (), p: Any = 0.5) -> jax.Array:
         """Booleans that are True with probability ``p``, as ``jax.random.bernoulli``.
@@ -177,4 +180,5 @@ class RandomState(State):
           >>> statemap.RandomState(0).bernoulli((4,), p=1.0)
           Array([ True,  True,  True,  True], dtype=bool)
         """
-        return jax.random.bernoulli(self.next_key(), p, _shape("bernoulli", shape))
+        shape = _shape("bernoulli", shape)
+        return jax.random.bernoulli(self.next_key(), p, shape)

@@ -15,6 +15,7 @@ __all__ = [
     "ShortTermState",
     "State",
     "describe",
+    "label",
 ]
 
 
@@ -214,15 +215,19 @@ class HiddenState(State):
     __slots__ = ()
 
 
+def label(state: State) -> str:
+    """The state's type and its name (or tag), for messages."""
+    if state.name is not None:
+        return f"{type(state).__name__} {state.name!r}"
+    if state.tag is not None:
+        return f"{type(state).__name__} tagged {state.tag!r}"
+    return type(state).__name__
+
+
 def describe(state: State) -> str:
     """A short description for messages: type, name or tag, and shape."""
-    label = f"{type(state).__name__}"
-    if state.name is not None:
-        label += f" {state.name!r}"
-    elif state.tag is not None:
-        label += f" tagged {state.tag!r}"
     value = state._value
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and value is not None:
-        return f"{label} (shape {tuple(np.shape(value))})"
+        return f"{label(state)} (shape {tuple(np.shape(value))})"
     shapes = jax.tree.map(lambda x: tuple(np.shape(x)), value)
-    return f"{label} (shapes {shapes})"
+    return f"{label(state)} (shapes {shapes})"
