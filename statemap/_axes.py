@@ -63,9 +63,9 @@ def axis_in_range(axis: int, ndim: int) -> int | None:
 def lane_aval(x: Any, axis: int | None) -> Any:
     """The abstract value one lane sees of ``x`` mapped on ``axis`` (None: all of it)."""
     aval = jax.typeof(x)
-    if axis is None:
-        return aval
-    return aval.update(shape=aval.shape[:axis] + aval.shape[axis + 1 :])
+    shape = aval.shape if axis is None else aval.shape[:axis] + aval.shape[axis + 1 :]
+    # A fresh aval: the value's sharding (a pmap output's mesh, say) is not the lane's.
+    return jax.core.ShapedArray(shape, aval.dtype, weak_type=aval.weak_type)
 
 
 @attrs.frozen

@@ -18,7 +18,7 @@ from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
 from ._explain import Explanation
 from ._jax_internals import trace_lane
-from ._plan import Plan, StalePlan
+from ._plan import Plan, StalePlan, shapes_of
 from ._planner import (
     LaneOutputs,
     collect_outputs,
@@ -291,7 +291,7 @@ class StatefulMapping(abc.ABC):
             refs=tuple(self._plans.ref(s) for s in recorder.inputs),
             arg_refs=tuple(self._plans.ref(s) for _, s in call.state_args),
             ins=tuple(ins),
-            state_avals=tuple(tuple(map(jax.typeof, jax.tree.leaves(v))) for v in recorder.before.values()),
+            state_avals=tuple(map(shapes_of, recorder.before.values())),
             outs=decisions.outs,
             made=decisions.made,
             advanced=decisions.advanced,

@@ -13,7 +13,12 @@ import jax
 from ._catalogue import StateIn
 from ._state import State
 
-__all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs"]
+__all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
+
+
+def shapes_of(value: Any) -> tuple[tuple[tuple[int, ...], Any], ...]:
+    """(shape, dtype) of every leaf of ``value``."""
+    return tuple((tuple(jax.typeof(x).shape), jax.typeof(x).dtype) for x in jax.tree.leaves(value))
 
 
 class StalePlan(Exception):
@@ -78,10 +83,7 @@ class Plan:
 
     def fits(self, values: Sequence[Any]) -> bool:
         """Whether ``values`` (one per input state) have the structure and shapes planned for."""
-        return all(
-            tuple(map(jax.typeof, jax.tree.leaves(value))) == avals
-            for value, avals in zip(values, self.state_avals)
-        )
+        return all(shapes_of(value) == shapes for value, shapes in zip(values, self.state_avals))
 
 
 def batched_outputs(
