@@ -37,3 +37,28 @@ def assert_unchanged(saved: list[tuple[statemap.State, Any]]) -> None:
     for state, value in saved:
         assert state.value is value, f"{state!r} changed"
     assert_concrete(s for s, _ in saved)
+
+
+def key_bits(key: Any) -> np.ndarray:
+    """The raw uint32 bits of a typed or legacy key (or a stack of them)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key)
+
+
+def assert_keys_equal(actual: Any, expected: Any) -> None:
+    """Same kind of key (typed or legacy), same shape, and the same bits exactly."""
+    typed = jax.dtypes.issubdtype(actual.dtype, jax.dtypes.prng_key)
+    assert typed == jax.dtypes.issubdtype(expected.dtype, jax.dtypes.prng_key), (actual, expected)
+    np.testing.assert_array_equal(key_bits(actual), key_bits(expected))
+
+
+def lane_keys(parent: Any, n: int) -> tuple[Any, Any]:
+    """Oracle for per-lane keys: ``(advanced parent, stacked keys of lanes 0..n-1)``.
+
+    A mapped call splits the parent once, ``new, base = split(parent)``, keeps
+    ``new`` as the state's next value, and hands lane i ``fold_in(base, i)``.
+    """
+    new, base = jax.random.split(parent)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jax.numpy.arange(n))
+    return new, keys
