@@ -44,6 +44,13 @@ class PlanCache:
         while len(self._plans) > self._max_signatures:
             self._plans.popitem(last=False)
 
+    def promote(self, key: Hashable, plan: Plan) -> None:
+        """Try ``plan`` first for ``key`` from now on."""
+        plans = self._plans.get(key)
+        if plans and plans[0] is not plan:
+            plans.remove(plan)
+            plans.insert(0, plan)
+
     def discard(self, key: Hashable, plan: Plan) -> None:
         """Forget ``plan``."""
         plans = self._plans.get(key, [])

@@ -36,10 +36,8 @@ class Call:
     def __init__(self, mapping: StatefulMapping, args: tuple, kwargs: dict[str, Any]):
         self.mapping = mapping
         self.num_args = len(args)
-        self.statics = _statics(mapping, args)
-        static_positions = {i for i, _ in self.statics}
-        self.positions = [i for i in range(len(args)) if i not in static_positions]
-        self.dynamic = tuple(args[i] for i in self.positions)
+        self.statics = _statics(mapping, args) if mapping.static_argnums else ()
+        self.dynamic = tuple(a for i, a in enumerate(args) if i not in dict(self.statics)) if self.statics else args
         self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
         try:
@@ -48,6 +46,16 @@ class Call:
             avals = self._without_states()
         identities = tuple((position, id(state)) for position, state in self.state_args)
         self.key: Hashable = (self.treedef, self.statics, avals, identities)
+
+    @cached_property
+    def positions(self) -> list[int]:
+        """The original positions of the dynamic (non-static) positional arguments."""
+        static = dict(self.statics)
+        return [i for i in range(self.num_args) if i not in static]
+
+    def passes(self, refs: Sequence[Any]) -> bool:
+        """Whether the States passed as arguments are the ones ``refs`` point to."""
+        return all(ref() is state for ref, (_, state) in zip(refs, self.state_args))
 
     def _without_states(self) -> tuple[Any, ...]:
         """Set States passed as arguments aside (they are read like closed-over ones)."""

@@ -190,9 +190,13 @@ class StatefulMapping(abc.ABC):
         with _CALL_LOCK:
             for plan in self._plans.get(call.key):
                 try:
-                    return self._run(plan, call, None)
+                    out = self._run(plan, call, None)
                 except StalePlan:
-                    self._plans.discard(call.key, plan)
+                    if plan.states() is None:
+                        self._plans.discard(call.key, plan)
+                    continue
+                self._plans.promote(call.key, plan)
+                return out
             plan, made = self._build(call)
             self._plans.add(call.key, plan)
             return self._run(plan, call, made)
@@ -318,7 +322,7 @@ class StatefulMapping(abc.ABC):
 
     def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
         states = plan.states()
-        if states is None or any(ref() is not s for ref, (_, s) in zip(plan.arg_refs, call.state_args)):
+        if states is None or (plan.arg_refs and not call.passes(plan.arg_refs)):
             raise StalePlan()
         watcher = current_watcher()
         values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]
@@ -333,8 +337,9 @@ class StatefulMapping(abc.ABC):
             if treedef != entry.treedef:
                 raise StalePlan()
             inputs += leaves
-        for message in plan.warnings:
-            warnings.warn(message, UserWarning, stacklevel=3)
+        if plan.warnings:
+            for message in plan.warnings:
+                warnings.warn(message, UserWarning, stacklevel=3)
         try:
             outs = plan.program(*inputs)
             if plan.effects:

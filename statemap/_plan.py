@@ -75,11 +75,16 @@ class Plan:
     size_origin: str
     refusal: str | None
     warnings: tuple[str, ...]
+    returns_states: bool = attrs.field(init=False)
+
+    @returns_states.default
+    def _returns_states(self) -> bool:
+        return any(slot is not None for slot in self.out_slots)
 
     def states(self) -> list[State] | None:
         """The live input states, or None if one was garbage-collected."""
         states = [ref() for ref in self.refs]
-        return None if any(s is None for s in states) else states  # type: ignore[return-value]
+        return None if None in states else states  # type: ignore[return-value]
 
     def fits(self, values: Sequence[Any]) -> bool:
         """Whether ``values`` (one per input state) have the structure and shapes planned for."""

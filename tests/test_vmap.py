@@ -1200,11 +1200,6 @@ def test_state_shape_or_dtype_change_retraces_with_correct_results():
     assert_tree_allclose(h.value, arr(B, 5).astype(jnp.float16).astype(jnp.float32) + x[:, None], rtol=1e-3)
 
 
-@pytest.mark.xfail(
-    reason="bug: a plan tried with other state shapes is discarded, so going back to earlier "
-    "state shapes retraces (see /tmp/bugs_vmap.md)",
-    strict=True,
-)
 def test_returning_to_an_earlier_state_shape_reuses_its_plan():
     h = statemap.HiddenState(arr(B, 2), name="h")
     fn = counted(lambda x: _write(h, h.value + x))
