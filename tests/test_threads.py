@@ -1,0 +1,309 @@
+"""Mapped calls from several threads: correct, serialised, and never interleaved.
+
+statemap runs one call at a time (a process-wide lock around planning, the
+program and the write-back), and a ``StateTrace`` is thread-local. These tests
+run real threads against sequential oracles. pmap calls with collectives sync
+every step (JAX-NOTES fact 10).
+"""
+
+import gc
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_concrete, assert_tree_allclose
+
+import statemap
+
+B = 4
+AX = "lanes"
+TIMEOUT = 60  # seconds for a whole group of threads
+
+
+def run_threads(target, n):
+    """Run ``target(i)`` in ``n`` threads started together; re-raise the first failure."""
+    start = threading.Barrier(n)
+    errors = []
+
+    def body(i):
+        try:
+            start.wait(timeout=TIMEOUT)
+            target(i)
+        except BaseException as err:  # noqa: BLE001 (reported in the main thread)
+            errors.append(err)
+
+    threads = [threading.Thread(target=body, args=(i,), name=f"statemap-test-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish"
+    if errors:
+        raise errors[0]
+
+
+class Model:
+    """Per-thread states and a mapped RNN-like step over them."""
+
+    def __init__(self, seed):
+        self.h = statemap.HiddenState(jnp.full((B, 3), float(seed)), name=f"h{seed}")
+        self.w = statemap.ParamState(jnp.full((3,), 1.0 + seed / 10), name=f"w{seed}")
+        self.count = statemap.ShortTermState(jnp.int32(0), name=f"count{seed}")
+        self.rng = statemap.RandomState(seed, name=f"rng{seed}")
+
+        def step(x):
+            self.h.value = jnp.tanh(self.h.value * self.w.value + x) + 0.01 * self.rng.normal((3,))
+            self.w.value = self.w.value + 0.1 * jax.lax.pmean(x, AX)
+            self.count.value = self.count.value + 1
+            return self.h.value.sum()
+
+        self.step = statemap.vmap(step, axis_name=AX, state_in_axes={0: statemap.HiddenState})
+
+    @property
+    def states(self):
+        return [self.h, self.w, self.count, self.rng]
+
+
+def inputs(k, calls):
+    return jnp.full((B, 3), k / calls, jnp.float32)
+
+
+@jax.jit
+def oracle_step(h, w, count, key, x):
+    """``Model.step`` threaded by hand: lane i's key is ``fold_in(base, i)``; ``normal`` splits it once."""
+    new_key, base = jax.random.split(key)
+    lane_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(B))
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[1], (3,)))(lane_keys)
+    h = jnp.tanh(h * w + x) + 0.01 * noise
+    return h.sum(axis=1), h, w + 0.1 * x.mean(axis=0), count + 1, new_key
+
+
+def test_calls_on_disjoint_states_match_a_sequential_run():
+    n, calls = 4, 25
+    results = {}
+
+    def work(i):
+        model = Model(i)
+        outs = [model.step(inputs(k, calls)) for k in range(calls)]
+        results[i] = (outs, model)
+
+    run_threads(work, n)
+    for i in range(n):
+        fresh = Model(i)
+        carry = [s.value for s in fresh.states]
+        expected = []
+        for k in range(calls):
+            out, *carry = oracle_step(*carry, inputs(k, calls))
+            expected.append(out)
+        outs, model = results[i]
+        assert_tree_allclose(outs, expected, rtol=1e-5, atol=1e-5)
+        for state, want in zip(model.states, carry):
+            assert_tree_allclose(state.value, want, rtol=1e-5, atol=1e-5)
+        assert int(model.count.value) == calls
+        assert_concrete(model.states)
+
+
+def test_one_mapping_shared_by_threads_with_their_own_states_as_arguments():
+    n, calls = 4, 20
+
+    def step(x, h, rng):
+        h.value = h.value + x + rng.uniform(())  # rng is broadcast: one key for all lanes
+        return h.value * 2
+
+    @jax.jit
+    def oracle(x, h, key):
+        new_key, draw = jax.random.split(key)
+        h = h + x + jax.random.uniform(draw, ())
+        return h * 2, h, new_key
+
+    shared = statemap.vmap(step, in_axes=(0, 0, None))
+    results = {}
+
+    def work(i):
+        h = statemap.HiddenState(jnp.full((B,), float(i)))
+        rng = statemap.RandomState(i)
+        outs = [shared(jnp.ones(B), h, rng) for _ in range(calls)]
+        results[i] = (outs, h.value, rng.value)
+
+    run_threads(work, n)
+    for i in range(n):
+        h, key = jnp.full((B,), float(i)), statemap.RandomState(i).value
+        expected = []
+        for _ in range(calls):
+            out, h, key = oracle(jnp.ones(B), h, key)
+            expected.append(out)
+        outs, h_value, rng_value = results[i]
+        assert_tree_allclose(outs, expected)
+        assert_tree_allclose(h_value, h)
+        np.testing.assert_array_equal(np.asarray(rng_value), np.asarray(key))
+
+
+@pytest.mark.parametrize("kind", ["vmap", "pmap"])
+def test_increments_of_a_shared_state_are_serialised(kind):
+    n, calls = (8, 40) if kind == "vmap" else (4, 6)
+    total = statemap.LongTermState(jnp.int32(0), name="total")
+
+    def add(x):
+        total.value = total.value + jax.lax.psum(x, AX)
+        return total.value
+
+    if kind == "vmap":
+        m = statemap.vmap(add, axis_name=AX, out_axes=None)
+    else:
+        m = statemap.pmap(add, AX, out_axes=None)
+    ones = jnp.ones(B, jnp.int32)
+    jax.block_until_ready(m(ones))  # compile once before the race
+    total.value = jnp.int32(0)
+    seen = [[] for _ in range(n)]
+
+    def work(i):
+        for _ in range(calls):
+            seen[i].append(int(jax.block_until_ready(m(ones))))
+
+    run_threads(work, n)
+    # Every call saw its own new total: a lost update would repeat a value.
+    every = sorted(v for values in seen for v in values)
+    assert every == [B * k for k in range(1, n * calls + 1)]
+    assert int(total.value) == B * n * calls
+    for values in seen:  # each thread's calls happen in its own order
+        assert values == sorted(values)
+
+
+def test_a_reader_call_never_sees_half_a_write_back():
+    n_writers, calls = 3, 40
+    a = statemap.State(jnp.zeros(2), name="a")
+    b = statemap.State(jnp.zeros(2), name="b")
+
+    def write(x):
+        a.value = a.value + jax.lax.psum(x, AX)
+        b.value = b.value + jax.lax.psum(x, AX)
+        return x
+
+    def read(x):
+        return (a.value - b.value) + 0 * x
+
+    writer = statemap.vmap(write, axis_name=AX)
+    reader = statemap.vmap(read)
+    differences = []
+
+    def work(i):
+        for _ in range(calls):
+            if i < n_writers:
+                writer(jnp.ones((B, 2)))
+            else:
+                differences.append(float(jnp.abs(reader(jnp.ones((B, 2)))).max()))
+
+    run_threads(work, n_writers + 2)
+    assert differences and max(differences) == 0.0
+    assert_tree_allclose(a.value, jnp.full(2, float(B * n_writers * calls)))
+    assert_tree_allclose(a.value, b.value)
+
+
+def test_a_failing_thread_leaves_its_states_unchanged_and_others_unaffected():
+    calls = 30
+    bad = statemap.ParamState(jnp.zeros(2), name="bad")
+    total = statemap.LongTermState(jnp.zeros(()), name="total")
+    bad_before = bad.value
+    failures = []
+
+    def refused(x):
+        bad.value = bad.value + x  # one value per lane, nothing places it
+        return x
+
+    def good(x):
+        total.value = total.value + jax.lax.psum(x, AX)
+        return x
+
+    refuse = statemap.vmap(refused)
+    add = statemap.vmap(good, axis_name=AX)
+
+    def work(i):
+        for _ in range(calls):
+            if i == 0:
+                try:
+                    refuse(jnp.ones((B, 2)))
+                except statemap.BatchAxisError:
+                    failures.append(1)
+            else:
+                add(jnp.ones(B))
+
+    run_threads(work, 3)
+    assert len(failures) == calls
+    assert bad.value is bad_before
+    assert float(total.value) == B * 2 * calls
+    assert_concrete([bad, total])
+
+
+def test_a_state_trace_does_not_see_other_threads():
+    mine = statemap.State(jnp.zeros(2), name="mine")
+    theirs = statemap.State(jnp.zeros(2), name="theirs")
+    theirs_split = statemap.HiddenState(jnp.zeros((B, 2)), name="theirs_split")
+    other_step = statemap.vmap(
+        lambda x: setattr(theirs_split, "value", theirs_split.value + x + theirs.value),
+        state_in_axes=statemap.HiddenState,
+    )
+    my_step = statemap.vmap(lambda x: x * mine.value, in_axes=0)
+    tracing, touched = threading.Event(), threading.Event()
+    found = {}
+
+    def tracer():
+        with statemap.StateTrace() as trace:
+            tracing.set()
+            assert touched.wait(TIMEOUT)
+            my_step(jnp.ones((B, 2)))
+        found["states"], found["written"] = trace.states, trace.written
+
+    def other():
+        assert tracing.wait(TIMEOUT)
+        theirs.value = theirs.value + 1
+        other_step(jnp.ones((B, 2)))
+        with statemap.StateTrace() as own:
+            theirs.value = theirs.value + 1
+        found["own"] = own.states
+        touched.set()
+
+    threads = [threading.Thread(target=tracer), threading.Thread(target=other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert found["states"] == (mine,)
+    assert found["written"] == ()
+    assert found["own"] == (theirs,)
+    assert_tree_allclose(theirs.value, jnp.full(2, 2.0))
+    assert_tree_allclose(theirs_split.value, jnp.full((B, 2), 2.0))
+
+
+def test_states_dying_in_other_threads_while_calls_run():
+    # Plans refer to states weakly and are pruned when a state dies, in whichever
+    # thread drops it. ``explain`` makes plans without compiling, so churn is cheap;
+    # a short switch interval makes the threads interleave finely.
+    shared = statemap.vmap(lambda x, s: x * s.value, in_axes=(0, None))
+    keep = statemap.ParamState(jnp.float32(7.0))
+    x = jnp.ones(B)
+
+    def work(i):
+        for k in range(40):
+            if i < 3:
+                s = statemap.ParamState(jnp.float32(k))
+                shared.explain(x, s)
+                del s
+                if k % 4 == i:
+                    gc.collect()
+            else:
+                assert_tree_allclose(shared(x, keep), jnp.full(B, 7.0))
+                if k % 10 == 0:
+                    s = statemap.ParamState(jnp.float32(k))
+                    assert_tree_allclose(shared(x, s), jnp.full(B, float(k)))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        run_threads(work, 5)
+    finally:
+        sys.setswitchinterval(interval)
+    gc.collect()
+    assert_tree_allclose(shared(x, keep), jnp.full(B, 7.0))
