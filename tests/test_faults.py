@@ -277,6 +277,39 @@ def test_state_created_inside_a_failing_call_holds_no_tracer(fam):
     assert_concrete(made)
 
 
+@pytest.mark.parametrize("where", ["jit", "scan", "cond"])
+def test_state_written_inside_a_nested_transform(where, fam):
+    def write(c):
+        fam.w.value = fam.w.value + c
+        return c
+
+    def step(x):
+        fam.touch(x)
+        if where == "jit":
+            jax.jit(write)(x)
+        elif where == "scan":
+            jax.lax.scan(lambda c, _: (write(c), None), x, None, length=2)
+        else:
+            jax.lax.cond(x.sum() > 0, write, lambda c: c, x)
+        return x
+
+    saved = snapshot(fam.all)
+    with pytest.raises(jax.errors.UnexpectedTracerError, match="Encountered an unexpected tracer"):
+        make("vmap", step, state_in_axes=SPLIT_H)(ones(B, 2))
+    assert_unchanged(saved)
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_mapping_called_inside_a_plain_jax_transform(transform, fam):
+    m = make("vmap", fam.touch, state_in_axes=SPLIT_H)
+    outer = jax.jit(m) if transform == "jit" else jax.vmap(m)
+    x = ones(B, 2) if transform == "jit" else ones(3, B, 2)
+    saved = snapshot(fam.all)
+    with pytest.raises((TypeError, ValueError, statemap.StatemapError), match=r"^statemap\.vmap: "):
+        outer(x)
+    assert_unchanged(saved)
+
+
 # Write policy.
 
 
@@ -299,6 +332,15 @@ def test_policy_violation(kind, fam):
     for _ in range(2):  # cold, then warm with the cached refusal
         with pytest.raises(statemap.BatchAxisError, match=REFUSED + r"no `state_in_axes`/`state_out_axes` entry"):
             m(ones(B, 2))
+        assert_unchanged(saved)
+
+
+def test_warn_policy_under_warnings_as_errors(fam):
+    m = make("vmap", _batched_write(fam), state_in_axes=SPLIT_H, unexpected_out_state_mapping="warn")
+    saved = snapshot(fam.all)
+    for _ in range(2):  # cold, then warm: the warning is issued before the program runs
+        with pytest.raises(UserWarning, match=r"statemap\.vmap: ParamState 'w' \(shape \(2,\)\) was written with a value that varies"):
+            m(ones(B, 2))  # the test configuration turns warnings into errors
         assert_unchanged(saved)
 
 
@@ -370,6 +412,21 @@ def test_size_mismatch_between_axis_size_and_arguments(kind, fam):
         make(kind, _two_args(fam), state_in_axes=SPLIT_H, axis_size=B - 1)(ones(B, 2), ones(B))
     assert "* `axis_size` is 3" in str(info.value)
     assert "* argument args[0] has axis 0 of size 4" in str(info.value)
+    assert_unchanged(saved)
+
+
+def test_size_mismatch_between_two_split_states(fam):
+    other = statemap.HiddenState(jnp.zeros((B + 1, 2)), name="other")
+
+    def step():
+        fam.w.value = fam.w.value + fam.rng.normal((2,))
+        return fam.h.value.sum() + other.value.sum()
+
+    saved = snapshot([*fam.all, other])
+    with pytest.raises(ValueError, match=r"inconsistent sizes") as info:
+        make("vmap", step, in_axes=None, state_in_axes=SPLIT_H)()
+    assert re.search(r"\* HiddenState 'h'.* has axis 0 of size 4", str(info.value))
+    assert re.search(r"\* HiddenState 'other'.* has axis 0 of size 5", str(info.value))
     assert_unchanged(saved)
 
 
@@ -526,7 +583,11 @@ def test_same_state_passed_twice_with_different_in_axes(fam):
 
     m = make("vmap", step, in_axes=(0, 0, 1), state_in_axes=SPLIT_H)
     saved = snapshot([*fam.all, both])
-    with pytest.raises(statemap.BatchAxisError, match=r"ShortTermState 'both' .* is reached twice with different axes"):
+    with pytest.raises(
+        statemap.BatchAxisError,
+        match=r"statemap\.vmap: ShortTermState 'both' \(shape \(4, 4\)\) is reached twice with different axes: "
+        r"`in_axes` maps argument args\[1\] on axis 0 and argument args\[2\] on axis 1",
+    ):
         m(ones(B, 2), both, both)
     assert_unchanged(saved)
 
@@ -735,7 +796,7 @@ def test_backend_that_is_not_a_str(fam):
 
 def test_unknown_backend(fam):
     saved = snapshot(fam.all)
-    with pytest.raises(ValueError, match=r"statemap\.pmap: `backend` .*'nonsense'"):
+    with pytest.raises(ValueError, match=r"statemap\.pmap: `backend` 'nonsense' is not available here"):
         statemap.pmap(fam.touch, AX, backend="nonsense", state_in_axes=SPLIT_H)(ones(B, 2))
     assert_unchanged(saved)
 
@@ -751,6 +812,11 @@ def test_random_state_bad_seed(bad, fam):
     with pytest.raises(TypeError, match=r"statemap\.RandomState\.seed: `seed_or_key` must be an int seed"):
         fam.rng.seed(bad)
     assert_unchanged(saved)
+
+
+def test_random_state_bad_seed_message_reads_cleanly():
+    with pytest.raises(TypeError, match=r"got str: 'x'\.$"):
+        statemap.RandomState("x")
 
 
 @pytest.mark.parametrize("n", [0, -1, 2.0, True])
