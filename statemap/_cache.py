@@ -27,13 +27,13 @@ class PlanCache:
     def __len__(self) -> int:
         return sum(len(plans) for plans in self._plans.values())
 
-    def get(self, key: Hashable) -> list[Plan]:
-        """The plans for ``key``, most recent first (a copy, safe to discard from)."""
+    def get(self, key: Hashable) -> tuple[Plan, ...]:
+        """The plans for ``key``, most recently used first (a copy, safe to discard from)."""
         plans = self._plans.get(key)
         if not plans:
-            return []
+            return ()
         self._plans.move_to_end(key)
-        return list(plans)
+        return tuple(plans)
 
     def add(self, key: Hashable, plan: Plan) -> None:
         """Keep ``plan`` for ``key``, evicting the oldest signature or plan beyond the bounds."""
@@ -46,8 +46,8 @@ class PlanCache:
 
     def promote(self, key: Hashable, plan: Plan) -> None:
         """Try ``plan`` first for ``key`` from now on."""
-        plans = self._plans.get(key)
-        if plans and plans[0] is not plan:
+        plans = self._plans.get(key, [])
+        if plan in plans:
             plans.remove(plan)
             plans.insert(0, plan)
 

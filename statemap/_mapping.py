@@ -188,14 +188,15 @@ class StatefulMapping(abc.ABC):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(self, args, kwargs)
         with _CALL_LOCK:
-            for plan in self._plans.get(call.key):
+            for rank, plan in enumerate(self._plans.get(call.key)):
                 try:
                     out = self._run(plan, call, None)
                 except StalePlan:
                     if plan.states() is None:
                         self._plans.discard(call.key, plan)
                     continue
-                self._plans.promote(call.key, plan)
+                if rank:
+                    self._plans.promote(call.key, plan)
                 return out
             plan, made = self._build(call)
             self._plans.add(call.key, plan)
