@@ -23,12 +23,19 @@ class PlanCache:
         self._plans: collections.OrderedDict[Hashable, list[Plan]] = collections.OrderedDict()
         self._max_signatures = max_signatures
         self._plans_per_signature = plans_per_signature
+        # Set by weakref callbacks, which may run in any thread at any time;
+        # the pruning itself happens in the calling thread, under its lock.
+        self._dead = False
 
     def __len__(self) -> int:
+        if self._dead:
+            self._prune()
         return sum(len(plans) for plans in self._plans.values())
 
     def get(self, key: Hashable) -> tuple[Plan, ...]:
         """The plans for ``key``, most recently used first (a copy, safe to discard from)."""
+        if self._dead:
+            self._prune()
         plans = self._plans.get(key)
         if not plans:
             return ()
@@ -61,9 +68,13 @@ class PlanCache:
 
     def ref(self, state: State) -> weakref.ref:
         """A weak reference to ``state`` that prunes dead plans when it dies."""
-        return weakref.ref(state, self._prune)
+        return weakref.ref(state, self._died)
 
-    def _prune(self, _: weakref.ref) -> None:
+    def _died(self, _: weakref.ref) -> None:
+        self._dead = True
+
+    def _prune(self) -> None:
+        self._dead = False
         for key in list(self._plans):
             alive = [p for p in self._plans[key] if p.states() is not None]
             if alive:

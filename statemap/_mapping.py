@@ -31,7 +31,7 @@ from ._planner import (
 from ._policy import PolicyName, WritePolicy
 from ._state import State, current_watcher, pop_watcher, push_watcher, read_through
 from ._writeback import commit, detached
-from .errors import BatchAxisError
+from .errors import BatchAxisError, StatemapError
 
 __all__ = ["MISSING", "MapSpec", "StatefulMapping"]
 
@@ -327,8 +327,11 @@ class StatefulMapping(abc.ABC):
             raise StalePlan()
         watcher = current_watcher()
         values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]
-        if plan.refusal is not None:
-            raise BatchAxisError(plan.refusal)
+        if plan.refusal is not None or plan.warnings:
+            if not plan.fits(values):
+                raise StalePlan()
+            if plan.refusal is not None:
+                raise BatchAxisError(plan.refusal)
         inputs = list(call.leaves)
         for value, entry in zip(values, plan.ins):
             if entry.is_leaf:
@@ -338,9 +341,8 @@ class StatefulMapping(abc.ABC):
             if treedef != entry.treedef:
                 raise StalePlan()
             inputs += leaves
-        if plan.warnings:
-            for message in plan.warnings:
-                warnings.warn(message, UserWarning, stacklevel=3)
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
         try:
             outs = plan.program(*inputs)
             if plan.effects:
@@ -350,6 +352,13 @@ class StatefulMapping(abc.ABC):
             if not plan.fits(values):
                 raise StalePlan() from None
             raise
+        if watcher is None and outs and isinstance(outs[0], jax.core.Tracer) and plan.writes:
+            raise StatemapError(
+                f"{self.api}: called inside a JAX transformation (jax.jit, jax.vmap, jax.grad, "
+                f"...) that statemap does not manage, so the states it writes would be left "
+                f"holding that transformation's tracers. Call the mapping outside it, or nest "
+                f"statemap mappings (statemap.vmap inside statemap.pmap) instead."
+            )
         return commit(plan, outs, made, watcher)
 
 

@@ -77,9 +77,15 @@ class Plan:
     warnings: tuple[str, ...]
     returns_states: bool = attrs.field(init=False)
 
+    writes: bool = attrs.field(init=False)
+
     @returns_states.default
     def _returns_states(self) -> bool:
         return any(slot is not None for slot in self.out_slots)
+
+    @writes.default
+    def _writes(self) -> bool:
+        return bool(self.outs or self.made or self.advanced)
 
     def states(self) -> list[State] | None:
         """The live input states, or None if one was garbage-collected."""

@@ -7,6 +7,7 @@ from typing import Any, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._plan import Plan
@@ -104,13 +105,14 @@ class PMapMapping(StatefulMapping):
                 donate_argnums=donated,
             )
 
+        first_device = (self.devices or jax.local_devices(backend=self.backend))[0]
         if any(axis is not None for axis in spec.in_axes):
-            return pmapped(lane, spec.in_axes, spec.donated)
+            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, first_device)
         # jax.pmap needs a mapped input even with axis_size: give it the lane
         # indices, sharded once so that calls do not copy them to the devices.
         indices = jax.pmap(lambda i: i, devices=self.devices, backend=self.backend)(jnp.arange(spec.axis_size))
         program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
-        return lambda *inputs: program(indices, *inputs)
+        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, first_device)
 
     def _device_count(self) -> int:
         return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
@@ -132,6 +134,42 @@ class PMapMapping(StatefulMapping):
     def _explain_lines(self, plan: Plan) -> list[str]:
         devices = self.devices or jax.local_devices(backend=self.backend)[: plan.axis_size]
         return [f"devices: {', '.join(str(d) for d in devices)}"]
+
+
+def _placing(
+    program: Callable[..., Sequence[Any]], in_axes: Sequence[int | None], device: jax.Device
+) -> Callable[..., Sequence[Any]]:
+    """``program``, moving inputs whose sharding ``jax.pmap`` rejects to where it takes them.
+
+    A state can hold a value sharded by an earlier pmap (or committed to one
+    device) that this pmap cannot take as is: a broadcast input spread over
+    devices, or a mapped input on one device. Such inputs are found on the
+    first rejection and moved on every later call; others pass untouched.
+    """
+    moved: set[int] = set()
+
+    def place(i: int, x: Any) -> Any:
+        return jax.device_put(x, device) if in_axes[i] is None else np.asarray(x)
+
+    def misplaced(i: int, x: Any) -> bool:
+        if i in moved or not isinstance(x, jax.Array):
+            return False
+        spread = len(x.sharding.device_set) > 1
+        return spread and not x.sharding.is_fully_replicated if in_axes[i] is None else not spread
+
+    def run(*inputs: Any) -> Sequence[Any]:
+        if moved:
+            inputs = tuple(place(i, x) if i in moved else x for i, x in enumerate(inputs))
+        try:
+            return program(*inputs)
+        except ValueError as err:
+            found = {i for i, x in enumerate(inputs) if misplaced(i, x)}
+            if "does not match the sharding" not in str(err) or not found:
+                raise
+            moved.update(found)
+            return run(*inputs)
+
+    return run
 
 
 @overload

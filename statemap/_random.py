@@ -42,8 +42,13 @@ def to_key(owner: str, seed_or_key: Any, typed: bool = False) -> Any:
     raise TypeError(
         f"statemap.{owner}: `seed_or_key` must be an int seed, None, a typed key "
         f"(`jax.random.key(0)`) or a legacy uint32[2] key (`jax.random.PRNGKey(0)`), "
-        f"got {type(seed_or_key).__name__} {getattr(seed_or_key, 'shape', '')}: {seed_or_key!r}."
+        f"got {_kind(seed_or_key)}: {seed_or_key!r}."
     )
+
+
+def _kind(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return type(value).__name__ if shape is None else f"{type(value).__name__} of shape {tuple(shape)}"
 
 
 def _shape(owner: str, shape: Shape | None) -> tuple[int, ...]:

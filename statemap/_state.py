@@ -52,14 +52,24 @@ def push_watcher(watcher: Watcher) -> Watcher | None:
 
 
 def pop_watcher(watcher: Watcher) -> None:
-    """Remove ``watcher``, which must be the innermost watcher of this thread."""
-    if _watchers.top is not watcher:
-        raise RuntimeError(
-            "statemap: state watchers (StateTrace or a mapping's trace) must be "
-            "exited in the reverse order they were entered."
-        )
-    _watchers.stack.pop()
-    _watchers.top = _watchers.stack[-1] if _watchers.stack else None
+    """Remove ``watcher``, which must be the innermost watcher of this thread.
+
+    If watchers entered after it were never exited, they are dropped too (the
+    thread must not keep reading through them) and the mistake is reported.
+    """
+    stack = _watchers.stack
+    position = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is watcher), None)
+    if position is not None:
+        left_open = len(stack) - 1 - position
+        del stack[position:]
+        _watchers.top = stack[-1] if stack else None
+        if not left_open:
+            return
+    raise RuntimeError(
+        "statemap: state watchers (StateTrace or a mapping's trace) must be exited in "
+        "the reverse order they were entered; a StateTrace entered inside this one was "
+        "never exited. Use `with statemap.StateTrace() as trace:`."
+    )
 
 
 def current_watcher() -> Watcher | None:
