@@ -55,16 +55,18 @@ def pop_watcher(watcher: Watcher) -> None:
     """Remove ``watcher``, which must be the innermost watcher of this thread.
 
     If watchers entered after it were never exited, they are dropped too (the
-    thread must not keep reading through them) and the mistake is reported.
+    thread must not keep reading through them) and the mistake is reported;
+    popping a watcher dropped that way later does nothing.
     """
     stack = _watchers.stack
     position = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is watcher), None)
-    if position is not None:
-        left_open = len(stack) - 1 - position
-        del stack[position:]
-        _watchers.top = stack[-1] if stack else None
-        if not left_open:
-            return
+    if position is None:
+        return  # already dropped, when a watcher entered before it was exited
+    left_open = len(stack) - 1 - position
+    del stack[position:]
+    _watchers.top = stack[-1] if stack else None
+    if not left_open:
+        return
     raise RuntimeError(
         "statemap: state watchers (StateTrace or a mapping's trace) must be exited in "
         "the reverse order they were entered; a StateTrace entered inside this one was "
