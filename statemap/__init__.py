@@ -3,6 +3,7 @@
 from . import errors as errors
 from . import filters as filters
 from . import random as random
+from ._mapping import MapSpec as MapSpec
 from ._mapping import StatefulMapping as StatefulMapping
 from ._pmap import PMapMapping as PMapMapping
 from ._pmap import pmap as pmap
@@ -25,6 +26,7 @@ __all__ = [
     "BatchAxisError",
     "HiddenState",
     "LongTermState",
+    "MapSpec",
     "PMapMapping",
     "ParamState",
     "RandomState",

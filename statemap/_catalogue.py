@@ -121,6 +121,15 @@ class LaneRecorder(Watcher):
             self.parent.created(state)
         self.made[state] = None
 
+    def _check_split_keys(self, state: State, axis: int) -> None:
+        value = self.before[state]
+        if is_key(value):
+            raise BatchAxisError(
+                f"{self.api}: `state_in_axes` splits {describe(state)} on axis {axis}, but it "
+                f"holds a single key. Leave it out of `state_in_axes` to give each lane its own "
+                f"key, or store one key per lane (`state.value = jax.random.split(key, n)`)."
+            )
+
     def _entry(self, state: State) -> tuple[Entry, int | None]:
         selected, axis = self.state_in_axes.match(state)
         if state in self.arg_axes:
@@ -134,6 +143,8 @@ class LaneRecorder(Watcher):
                 )
             selected, axis = True, arg_axis
         if selected and axis is not None:
+            if isinstance(state, RandomState):
+                self._check_split_keys(state, axis)
             return Entry.SPLIT, axis
         if isinstance(state, RandomState) and not selected:
             if not is_key(self.before[state]):

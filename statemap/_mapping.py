@@ -60,6 +60,13 @@ class MapSpec:
       axis_size: the number of lanes.
       axis_name: the name collectives in the function use.
       donated: positions of inputs whose buffers may be donated.
+
+    Example:
+      >>> import statemap
+      >>> spec = statemap.MapSpec(lambda i, x: [x], in_axes=(0,), out_axes=[0],
+      ...                         axis_size=3, axis_name='i')
+      >>> spec.lane_fn(0, 'x'), spec.donated
+      (['x'], ())
     """
 
     lane_fn: Callable[..., list[Any]]

@@ -207,19 +207,24 @@ def _refusal(api: str, refused: list[tuple[State, str]]) -> str | None:
     lines = []
     for state, kind in refused:
         why = (
-            "`state_out_axes` maps it to None"
+            "`state_out_axes` maps it to None (must not vary)"
             if kind == "declared"
             else "no `state_in_axes`/`state_out_axes` entry places it on an axis"
         )
         lines.append(f"  * {describe(state)}: {why}")
     bullets = "\n".join(lines)
+    fixes = "Stack them with `state_out_axes={0: <filter>}`"
+    if any(kind == "policy" for _, kind in refused):
+        fixes += (
+            ", split them on entry with `state_in_axes={0: <filter>}`, or pass "
+            "`unexpected_out_state_mapping='warn'` to stack them along axis 0"
+        )
+    else:
+        fixes += ", or write a value that is the same on every lane (e.g. reduced with `jax.lax.psum`)"
     return (
         f"{api}: these states are written with values that vary across the mapped "
         f"axis (one value per lane), so they cannot be written back as a single value:\n"
-        f"{bullets}\n"
-        f"Stack them with `state_out_axes={{0: <filter>}}`, split them on entry with "
-        f"`state_in_axes={{0: <filter>}}`, or pass `unexpected_out_state_mapping='warn'` "
-        f"to stack them along axis 0."
+        f"{bullets}\n{fixes}."
     )
 
 

@@ -121,13 +121,18 @@ class PMapMapping(StatefulMapping):
         available = self._device_count()
         if size is None:
             return available
-        where = "`devices`" if self.devices is not None else f"the {available} local devices"
-        if size > available or (self.devices is not None and size != available):
+        if self.devices is not None and size != available:
             raise ValueError(
-                f"{self.api}: the mapped axis has size {size}, but {where} "
-                f"{'are' if self.devices is None else 'give'} {available} lanes; pmap runs "
-                f"one lane per device. Reshape the batch to a leading axis of {available} "
-                f"(or fewer devices' worth), or use statemap.vmap inside each device."
+                f"{self.api}: the mapped axis has size {size}, but `devices` lists {available} "
+                f"devices; pmap runs one lane per device. Map an axis of size {available}, or "
+                f"pass {size} devices in `devices`."
+            )
+        if size > available:
+            raise ValueError(
+                f"{self.api}: the mapped axis has size {size}, but only {available} devices are "
+                f"available; pmap runs one lane per device. Reshape the batch to a leading axis "
+                f"of at most {available} (and map the rest with statemap.vmap inside), or start "
+                f"JAX with more devices."
             )
         return size
 
@@ -234,12 +239,20 @@ def pmap(
 
     Args:
       fn: the function to map.
-      axis_name, in_axes, out_axes, static_broadcasted_argnums, devices,
-        backend, axis_size, donate_argnums: as in ``jax.pmap``.
+      axis_name: the name collectives use (second positional, as in ``jax.pmap``).
+      in_axes: as in ``jax.pmap``; negative axes count from the end.
+      out_axes: as in ``jax.pmap``; None only for values equal on every device.
+      static_broadcasted_argnums: positional arguments that are compile-time
+        constants (hashable), passed unchanged to every device.
+      devices: the devices to run on; the axis size must equal their number.
+      backend: as in ``jax.pmap``, e.g. ``'cpu'``.
+      axis_size: the number of lanes when no argument or state is mapped.
+      donate_argnums: positional arguments whose buffers may be reused.
       global_arg_shapes: accepted for source compatibility only; JAX dropped
         it, so anything but None is a ``ValueError``.
-      state_in_axes, state_out_axes, unexpected_out_state_mapping: as in
-        :func:`statemap.vmap`.
+      state_in_axes: as in :func:`statemap.vmap`.
+      state_out_axes: as in :func:`statemap.vmap`.
+      unexpected_out_state_mapping: as in :func:`statemap.vmap`.
 
     Returns:
       A ``PMapMapping`` (or a decorator making one).

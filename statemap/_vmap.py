@@ -130,7 +130,12 @@ def vmap(
 
     Args:
       fn: the function to map.
-      in_axes, out_axes, axis_name, axis_size, spmd_axis_name: as in ``jax.vmap``.
+      in_axes: as in ``jax.vmap``: an int, None, or a pytree prefix of the
+        positional arguments; keyword arguments are mapped on axis 0.
+      out_axes: as in ``jax.vmap``.
+      axis_name: the name collectives such as ``jax.lax.psum`` use.
+      axis_size: the number of lanes when no argument or state is mapped.
+      spmd_axis_name: as in ``jax.vmap``.
       state_in_axes: ``{axis: filter}`` (or a bare filter for axis 0): states to
         split on entry; ``None`` as the axis marks states broadcast.
       state_out_axes: ``{axis: filter}``: written states to stack on that axis.

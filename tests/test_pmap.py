@@ -243,7 +243,7 @@ def test_size_differing_from_devices_raises(size):
 
     saved = snapshot([h, rng])
     mapping = statemap.pmap(f, devices=devs, state_in_axes=statemap.HiddenState)
-    with pytest.raises(ValueError, match=rf"axis has size {size}, but `devices` give 4 lanes"):
+    with pytest.raises(ValueError, match=rf"axis has size {size}, but `devices` lists 4 devices"):
         mapping(rows(size, 2))
     assert_unchanged(saved)
     assert calls == []
@@ -307,7 +307,7 @@ def test_more_lanes_than_devices_raises_before_running():
         return x
 
     saved = snapshot([w, rng])
-    with pytest.raises(ValueError, match=r"axis has size 9, but the 8 local devices are 8 lanes"):
+    with pytest.raises(ValueError, match=r"axis has size 9, but only 8 devices are available"):
         statemap.pmap(f, "d")(rows(N + 1, 2))
     assert_unchanged(saved)
     assert calls == []
@@ -321,7 +321,7 @@ def test_more_lanes_than_devices_from_a_split_state_raises():
         h.value = h.value + rng.normal(())
 
     saved = snapshot([h, rng])
-    with pytest.raises(ValueError, match=r"axis has size 9, but the 8 local devices are 8 lanes"):
+    with pytest.raises(ValueError, match=r"axis has size 9, but only 8 devices are available"):
         statemap.pmap(f, state_in_axes=statemap.HiddenState)()
     assert_unchanged(saved)
 
@@ -329,7 +329,7 @@ def test_more_lanes_than_devices_from_a_split_state_raises():
 def test_axis_size_larger_than_devices_raises():
     rng = statemap.RandomState(0)
     saved = snapshot([rng])
-    with pytest.raises(ValueError, match=r"axis has size 16, but the 8 local devices"):
+    with pytest.raises(ValueError, match=r"axis has size 16, but only 8 devices are available"):
         statemap.pmap(lambda: rng.normal(()), axis_size=16)()
     assert_unchanged(saved)
 

@@ -4,6 +4,7 @@ EXPECTED_ALL = [
     "BatchAxisError",
     "HiddenState",
     "LongTermState",
+    "MapSpec",
     "PMapMapping",
     "ParamState",
     "RandomState",
