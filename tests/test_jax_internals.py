@@ -1,0 +1,69 @@
+"""The one module that touches JAX internals, tested on its own (STYLE rule 16).
+
+These tests import the private module on purpose: when JAX moves, they say
+which of the few internal calls broke.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from statemap import _jax_internals as internals
+
+
+def _f32(*shape):
+    return jax.core.ShapedArray(shape, jnp.float32)
+
+
+def test_late_inputs_are_appended_after_the_arguments():
+    def body(new_input, args):
+        (x,) = args
+        w = new_input(_f32(3))
+        return [x * w]
+
+    lane = internals.trace_lane(body, [_f32(3)], "i", 4)
+    assert [a.shape for a in lane.in_avals] == [(3,), (3,)]
+    out = internals.eval_lane(lane, [jnp.full(3, 2.0), jnp.arange(3.0)])
+    np.testing.assert_allclose(out[0], [0.0, 2.0, 4.0])
+
+
+def test_late_inputs_work_inside_nested_jit_and_grad():
+    def body(new_input, args):
+        (x,) = args
+        y = jax.jit(lambda x: x * new_input(_f32(3)))(x)
+        g = jax.grad(lambda x: (x * new_input(_f32(3))).sum())(x)
+        return [y, g]
+
+    lane = internals.trace_lane(body, [_f32(3)], "i", 4)
+    assert len(lane.in_avals) == 3
+    y, g = internals.eval_lane(lane, [jnp.ones(3), jnp.full(3, 2.0), jnp.full(3, 5.0)])
+    np.testing.assert_allclose(y, 2.0)
+    np.testing.assert_allclose(g, 5.0)
+
+
+def test_collectives_trace_with_the_axis_bound():
+    def body(new_input, args):
+        return [jax.lax.psum(args[0], "i"), jax.lax.psum(1, "i"), jax.lax.axis_index("i")]
+
+    lane = internals.trace_lane(body, [_f32()], "i", 4)
+    out = jax.vmap(lambda x: internals.eval_lane(lane, [x]), axis_name="i")(jnp.arange(4.0))
+    np.testing.assert_allclose(out[0], 6.0)
+    np.testing.assert_array_equal(out[1], 4)
+    np.testing.assert_array_equal(out[2], np.arange(4))
+
+
+def test_effects_are_reported():
+    def pure(new_input, args):
+        return [args[0] + 1]
+
+    def effectful(new_input, args):
+        jax.debug.callback(lambda v: None, args[0])
+        return [args[0]]
+
+    assert not internals.trace_lane(pure, [_f32()], "i", 2).has_effects
+    assert internals.trace_lane(effectful, [_f32()], "i", 2).has_effects
+
+
+def test_fast_aval_matches_typeof():
+    for x in (jnp.ones((2, 3)), np.ones(4, np.int32), 1.5, 3):
+        assert internals.fast_aval(x) == jax.typeof(x)
