@@ -82,6 +82,22 @@ def eval_lane(lane: LaneJaxpr, inputs: Sequence[Any]) -> list[Any]:
     return core.eval_jaxpr(lane.jaxpr, lane.consts, *inputs)
 
 
+def escaped(x: Any) -> bool:
+    """Whether ``x`` is a tracer of a transformation that is neither running nor enclosing.
+
+    Called while a lane is traced: a value written to a state inside the
+    user's own ``jax.jit``, ``scan`` or ``vmap`` is such a tracer.
+    """
+    if not isinstance(x, core.Tracer):
+        return False
+    trace: Any = core.trace_ctx.trace
+    while trace is not None:
+        if x._trace is trace:
+            return False
+        trace = getattr(trace, "parent_trace", None)
+    return True
+
+
 def fast_aval(x: Any) -> Any:
     """The abstract value of ``x``; ``.aval`` is undocumented but 30x faster than ``jax.typeof``."""
     aval = getattr(x, "aval", None)

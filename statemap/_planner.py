@@ -12,11 +12,11 @@ import numpy as np
 
 from ._axes import StateAxes, axis_in_range
 from ._catalogue import Entry, LaneRecorder, StateIn
-from ._jax_internals import LaneJaxpr, eval_lane
+from ._jax_internals import LaneJaxpr, escaped, eval_lane
 from ._plan import Exit, StalePlan, StateOut, batched_outputs
 from ._policy import WritePolicy
 from ._state import State, describe
-from .errors import BatchAxisError
+from .errors import BatchAxisError, StatemapError
 
 __all__ = ["Decisions", "LaneOutputs", "collect_outputs", "decide_outputs", "make_lane_fn"]
 
@@ -282,6 +282,12 @@ def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOut
     for state in recorder.written:
         if recorder.inputs[state].entry is not Entry.LANE_KEY:
             leaves, treedef = jax.tree.flatten(recorder.lane_values[state])
+            if any(map(escaped, leaves)):
+                raise StatemapError(
+                    f"{api}: {describe(state)} was written inside a JAX transformation within the "
+                    f"function (jax.jit, jax.lax.scan, jax.vmap, ...), whose values cannot leave "
+                    f"it. Return the value from that inner function and write the state outside it."
+                )
             outputs.written.append((state, treedef, len(leaves)))
             flat += leaves
     for state in recorder.made:
