@@ -270,6 +270,25 @@ def pmap(
       >>> out = sgd_step(jnp.ones((n, 3)))
       >>> w.value
       Array([0.9, 0.9, 0.9], dtype=float32)
+
+      brainstate's ``pmap2`` example, with one row of weights per device:
+
+      >>> from statemap.filters import OfType
+      >>> weights = statemap.ParamState(jnp.ones((n, 4)))
+      >>> @statemap.pmap2(
+      ...     axis_name='devices',
+      ...     in_axes=0,
+      ...     out_axes=0,
+      ...     state_in_axes={0: OfType(statemap.ParamState)},
+      ...     state_out_axes={0: OfType(statemap.ParamState)},
+      ... )
+      ... def update(delta):
+      ...     weights.value = weights.value + delta
+      ...     return weights.value
+      >>> deltas = jnp.arange(n * 4.0).reshape(n, 4)
+      >>> updated = update(deltas)
+      >>> updated.shape == (n, 4), bool((weights.value == 1 + deltas).all())
+      (True, True)
     """
     keywords = dict(
         in_axes=in_axes,
