@@ -12,7 +12,9 @@ checkpoints in between: the process's resident memory (``VmRSS`` from
 ``resource.getrusage``), the number of live JAX arrays (``jax.live_arrays()``
 after a garbage collection), and the number of Python runs of the mapped
 function (one per traced signature, so it stays at 1 once warm). Every pmap
-call blocks on its results (JAX-NOTES fact 10).
+call blocks on its results (JAX-NOTES fact 10). A last run builds a new
+mapping for each of 100 calls (each call is cold) and shows what the dropped
+mappings leave behind.
 
 Memory is flat when the live array count is unchanged and RSS stops growing
 after the first checkpoint (allocator and compilation caches settle in the
@@ -40,6 +42,7 @@ import statemap  # noqa: E402
 
 VMAP_CALLS = 10_000
 PMAP_CALLS = 1_000
+NEW_MAPPINGS = 100
 VMAP_LANES = 32
 PMAP_LANES = 8
 CHECKPOINTS = 5
@@ -78,7 +81,7 @@ def print_row(row: dict[str, float]) -> None:
 
 
 def run(name: str, cell: RNNCell, call: Callable[[], None], calls: int) -> None:
-    print(f"{name}: {calls:,} warm calls")
+    print(f"{name}: {calls:,} calls")
     for _ in range(3):  # cold call, and the recompile for committed state values
         call()
     rows = [snapshot("before", cell)]
@@ -120,6 +123,15 @@ def main() -> None:
         jax.block_until_ready((pstep(pcell.x), pcell.h.value, pcell.rng.value))
 
     run("statemap.pmap", pcell, pmap_call, PMAP_CALLS)
+
+    # A mapping built anew every step (``statemap.vmap(f)(x)`` in a loop): each
+    # call is cold; what must not grow is what the dropped mappings leave behind.
+    ncell = RNNCell(VMAP_LANES)
+
+    def new_mapping_call() -> None:
+        statemap.vmap(ncell, state_in_axes={0: statemap.HiddenState})(ncell.x)
+
+    run("new statemap.vmap per call", ncell, new_mapping_call, NEW_MAPPINGS)
     print(f"load at end {load()}")
 
 

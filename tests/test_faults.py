@@ -294,7 +294,7 @@ def test_state_written_inside_a_nested_transform(where, fam):
         return x
 
     saved = snapshot(fam.all)
-    with pytest.raises(jax.errors.UnexpectedTracerError, match="Encountered an unexpected tracer"):
+    with pytest.raises(statemap.errors.StatemapError, match=r"ParamState 'w' .* was written inside a JAX transformation"):
         make("vmap", step, state_in_axes=SPLIT_H)(ones(B, 2))
     assert_unchanged(saved)
 
@@ -882,6 +882,19 @@ def test_state_traces_exited_out_of_order(fam):
     with statemap.StateTrace() as trace:  # the watcher stack is sound again
         fam.w.value = fam.w.value + 1
     assert trace.written == (fam.w,)
+
+
+def test_state_trace_left_open_inside_the_function(fam):
+    def step(x):
+        statemap.StateTrace().__enter__()  # never exited
+        return fam.touch(x)
+
+    saved = snapshot(fam.all)
+    with pytest.raises(RuntimeError, match=r"must be exited in the reverse order they were entered"):
+        make("vmap", step, state_in_axes=SPLIT_H)(ones(B, 2))
+    assert_unchanged(saved)  # reads see the real values again, not the dead lane's tracers
+    out = make("vmap", fam.touch, state_in_axes=SPLIT_H)(ones(B, 2))
+    assert_concrete([*fam.all, statemap.State(out)])
 
 
 def test_state_trace_entered_twice(fam):

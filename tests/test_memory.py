@@ -10,6 +10,7 @@ counting Python runs of the function (used alongside) only shows misses.
 """
 
 import gc
+import tracemalloc
 import weakref
 
 import jax
@@ -220,3 +221,35 @@ def test_created_states_of_many_calls_are_freed():
         refs.append(weakref.ref(m(x)))
     assert live_arrays() <= arrays
     assert not any(ref() for ref in refs)
+
+
+def test_mappings_built_and_dropped_in_a_loop_do_not_grow_memory():
+    # ``statemap.vmap(f)(x)`` inside a loop builds a new mapping every step. Each
+    # is traced (``explain`` traces without compiling, to stay fast) and then
+    # dropped; nothing of it may stay behind, in statemap or in JAX's caches.
+    h = statemap.HiddenState(jnp.zeros((B, 3)), name="h")
+    rng = statemap.RandomState(0)
+
+    def step(x):
+        h.value = h.value + x + rng.normal((3,))
+        return h.value.sum()
+
+    x = jnp.ones((B, 3))
+    mappings = []
+    for _ in range(10):  # JAX's own first-use caches fill here
+        statemap.vmap(step, state_in_axes=h).explain(x)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(50):
+            m = statemap.vmap(step, state_in_axes=h)
+            m.explain(x)
+            mappings.append(weakref.ref(m))
+            del m
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert not any(ref() for ref in mappings)
+    assert grown / 50 < 8 * 1024, f"{grown / 50 / 1024:.1f} KiB kept per mapping"
