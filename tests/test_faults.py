@@ -784,6 +784,20 @@ def test_size_that_differs_from_len_devices(fam):
     assert_unchanged(saved)
 
 
+def test_pmap_over_a_zero_size_axis(fam):
+    empty = statemap.HiddenState(jnp.zeros((0, 2)), name="empty")
+
+    def step(x):
+        empty.value = empty.value + x + fam.rng.normal((2,))
+        fam.w.value = fam.w.value * 2
+        return x
+
+    saved = snapshot([*fam.all, empty])
+    with pytest.raises(ValueError, match=r"statemap\.pmap: the mapped axis has size 0"):
+        statemap.pmap(step, AX, state_in_axes={0: statemap.HiddenState})(ones(0, 2))
+    assert_unchanged(saved)
+
+
 def test_global_arg_shapes(fam):
     saved = snapshot(fam.all)
     with pytest.raises(ValueError, match=r"statemap\.pmap: `global_arg_shapes` is no longer supported by JAX"):
@@ -993,6 +1007,19 @@ def test_new_pmap_trace_after_a_pmap_call(fam):
     jax.block_until_ready(step(jnp.ones((B, 2), jnp.int32)))
     assert_tree_allclose(fam.w.value, jnp.full(2, 3.0))
     assert_concrete(fam.all)
+
+
+def test_vmap_over_a_zero_size_axis(fam):
+    empty = statemap.HiddenState(jnp.zeros((0, 2)), name="empty")
+
+    def step(x):
+        empty.value = empty.value + x + fam.rng.normal((2,))
+        return x * 2
+
+    out = make("vmap", step, state_in_axes={0: statemap.HiddenState})(ones(0, 2))
+    assert out.shape == (0, 2)
+    assert empty.value.shape == (0, 2)
+    assert_concrete([*fam.all, empty])
 
 
 def test_state_structure_changed_between_calls(fam):
