@@ -1,0 +1,309 @@
+"""Differential property tests: statemap against a hand-threaded pure-JAX oracle.
+
+hypothesis generates small stateful programs as data (``tests/strategies.py``):
+a few states of random shapes and kinds (split on a random axis, negative
+included; broadcast; RandomState with per-lane, split or broadcast keys;
+States passed as arguments; States created inside), a lane function of a
+handful of operations (elementwise reads and writes, ``psum``, a ``scan`` with
+an unbatched counter, a nested ``jax.jit``, random draws and reseeds), random
+``in_axes``/``out_axes``/``state_in_axes``/``state_out_axes`` and write policy,
+and one to three calls (the host may change the states between calls). Each
+program runs through ``statemap.vmap`` (and ``statemap.pmap``) and through an
+oracle that threads the same values through ``jax.vmap`` (``jax.pmap``); the
+outputs and every state's new value must agree, or both must refuse the
+program, leaving every state exactly as it was and concrete.
+
+Profiles (registered here, applied to these tests only):
+
+* ``ci`` (default): a few hundred examples, derandomized, well under 3 minutes.
+* ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
+  tests/test_properties.py --hypothesis-show-statistics`` runs >= 1,000.
+
+Bugs the generator found are pinned below as plain ``test_regression_*`` tests.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.control import currently_in_test_context, event as _event
+from hypothesis import strategies as st
+from strategies import (
+    Expected,
+    Out,
+    Program,
+    is_typed_key,
+    key_bits,
+    make_mapping,
+    make_states,
+    initial_values,
+    iter_ops,
+    call_arguments,
+    arg_values,
+    mutated,
+    oracle,
+    programs,
+)
+
+import statemap
+
+# On a failure hypothesis's pytest plugin imports its patch writer (and libcst,
+# which trips a DeprecationWarning that `filterwarnings = error` would turn into
+# an INTERNALERROR hiding the real failure): import it now, quietly.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:  # pragma: no cover (libcst missing: the plugin skips the patch)
+        pass
+
+# ---------------------------------------------------------------------------
+# Profiles.
+
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+settings.register_profile("statemap-ci", derandomize=True, database=None, **_COMMON)
+settings.register_profile("statemap-long", derandomize=False, **_COMMON)
+
+PROFILE = os.environ.get("STATEMAP_HYPOTHESIS_PROFILE", "ci")
+if PROFILE not in ("ci", "long"):
+    raise ValueError(f"STATEMAP_HYPOTHESIS_PROFILE must be 'ci' or 'long', got {PROFILE!r}")
+_PARENT = settings.get_profile(f"statemap-{PROFILE}")
+# Examples per property test, per profile.
+EXAMPLES = {
+    "ci": {"vmap": 200, "pmap": 80, "policy": 120},
+    "long": {"vmap": 800, "pmap": 300, "policy": 400},
+}[PROFILE]
+
+
+# For quick experiments: STATEMAP_HYPOTHESIS_MAX_EXAMPLES=20 caps every property test.
+_CAP = int(os.environ.get("STATEMAP_HYPOTHESIS_MAX_EXAMPLES", "0")) or None
+
+
+def profile(which: str) -> settings:
+    return settings(parent=_PARENT, max_examples=min(EXAMPLES[which], _CAP or EXAMPLES[which]))
+
+
+# ---------------------------------------------------------------------------
+# Checking one program.
+
+
+def assert_close(actual: Any, expected: Any, what: str) -> None:
+    """Same pytree structure; keys equal bit for bit; arrays of the same shape and dtype, close."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), f"{what}: {actual} vs {expected}"
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert_leaf_close(a, e, what)
+
+
+def assert_leaf_close(actual: Any, expected: Any, what: str) -> None:
+    actual, expected = jnp.asarray(actual), jnp.asarray(expected)
+    if jax.dtypes.issubdtype(expected.dtype, jax.dtypes.prng_key) or jax.dtypes.issubdtype(
+        actual.dtype, jax.dtypes.prng_key
+    ):
+        assert is_typed_key(actual) == is_typed_key(expected), (what, actual, expected)
+        np.testing.assert_array_equal(key_bits(actual), key_bits(expected), err_msg=what)
+        return
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-5, err_msg=what)
+
+
+def assert_concrete(states: list[statemap.State]) -> None:
+    for s in states:
+        for leaf in jax.tree.leaves(s.value):
+            assert not isinstance(leaf, jax.core.Tracer), f"{s!r} holds a tracer"
+
+
+def assert_unchanged(saved: list[tuple[statemap.State, Any]]) -> None:
+    for s, value in saved:
+        assert s.value is value, f"{s!r} changed"
+    assert_concrete([s for s, _ in saved])
+
+
+def event(label: str) -> None:
+    """hypothesis's ``event`` (shown by --hypothesis-show-statistics); a no-op outside a test."""
+    if currently_in_test_context():
+        _event(label)
+
+
+def check(prog: Program, which: str) -> None:
+    """Run ``prog`` through statemap's ``which`` and its oracle; they must agree."""
+    for op in sorted({type(op).__name__ for op in iter_ops(prog.ops)}):
+        event(f"op {op}")
+    for kind in sorted({s.kind if s.kind != "random" else f"random-{s.mode}" for s in prog.states}):
+        event(f"state {kind}")
+    if any(s.shape2 is not None for s in prog.states):
+        event("state with a pytree value")
+    if any(isinstance(op, Out) and isinstance(op.src, tuple) and op.src[0] == "key" for op in iter_ops(prog.ops)):
+        event("key output")
+    if prog.pack and any(not a.keyword for a in prog.args):
+        event("args packed in a dict")
+    if which == "pmap" and prog.n > jax.local_device_count():
+        return
+    values = initial_values(prog)
+    states = make_states(prog, values)
+    mapping = make_mapping(prog, states, which)
+    want_values = dict(values)  # the oracle threads its own values from call to call
+    for call in range(prog.calls):
+        if call and prog.mutate:
+            for j, new in mutated(prog, {j: s.value for j, s in enumerate(states)}).items():
+                states[j].value = new
+            want_values = mutated(prog, want_values)
+        args = arg_values(prog, call)
+        want = oracle(prog, want_values, args, which)
+        pos, kw = call_arguments(prog, states, args)
+        saved = [(s, s.value) for s in states]
+        if prog.explain and call == 0:
+            if want.rejection == "output":
+                with pytest.raises(ValueError, match="varies across the mapped axis"):
+                    mapping.explain(*pos, **kw)
+            else:
+                text = str(mapping.explain(*pos, **kw))
+                for j in want.refused:
+                    assert f"'s{j}'" in text, text
+            assert_unchanged(saved)
+        event(f"{which} call {call}: " + (f"refused ({want.rejection})" if want.rejection else "warned" if want.warned else "ran"))
+        if want.rejection:
+            check_rejection(mapping, pos, kw, want, saved)
+            return
+        if want.warned:
+            with pytest.warns(UserWarning) as record:
+                out = mapping(*pos, **kw)
+            messages = [str(w.message) for w in record]
+            assert len(messages) == len(want.warned), messages
+            for j in want.warned:
+                assert any(f"'s{j}'" in m and "unexpected_out_state_mapping='warn'" in m for m in messages), messages
+        else:
+            out = mapping(*pos, **kw)
+        if which == "pmap":
+            jax.block_until_ready((out, [s.value for s in states]))  # JAX-NOTES fact 10
+        check_results(prog, states, saved, out, want, f"call {call}")
+        want_values = want.values
+
+
+def check_rejection(mapping: Any, pos: list[Any], kw: dict[str, Any], want: Expected, saved: list[Any]) -> None:
+    if want.rejection == "output":
+        with pytest.raises(ValueError, match="varies across the mapped axis"):
+            mapping(*pos, **kw)
+    else:
+        with pytest.raises(statemap.BatchAxisError) as info:
+            mapping(*pos, **kw)
+        for j in want.refused:
+            assert f"'s{j}'" in str(info.value), str(info.value)
+    assert_unchanged(saved)
+
+
+def check_results(prog: Program, states: list[statemap.State], saved: list[Any], out: Any, want: Expected, when: str) -> None:
+    outs, made = out
+    assert len(outs) == len(want.outs), (outs, want.outs)
+    for i, (a, e) in enumerate(zip(outs, want.outs)):
+        assert_close(a, e, f"{when}: output {i}")
+    assert len(made) == len(want.made)
+    for k, (m, e) in enumerate(zip(made, want.made)):
+        assert isinstance(m, statemap.State) and m.name == f"m{k}", m
+        assert_close(m.value, e, f"{when}: created state m{k}")
+    assert_concrete(list(made))
+    for j, (s, before) in enumerate(saved):
+        if j in want.written or j in want.advanced:
+            assert_close(s.value, want.values[j], f"{when}: state s{j} ({prog.states[j].kind})")
+        else:
+            assert s.value is before, f"{when}: state s{j} was not written but changed"
+    assert_concrete(states)
+
+
+# ---------------------------------------------------------------------------
+# The properties.
+
+
+@profile("vmap")
+@given(programs())
+def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
+    check(prog, "vmap")
+
+
+@profile("pmap")
+@given(programs())
+def test_pmap_matches_the_jax_pmap_oracle(prog: Program) -> None:
+    check(prog, "pmap")
+
+
+@profile("policy")
+@given(programs(batched_write=True), st.sampled_from(["vmap", "vmap", "pmap"]))
+def test_batched_writes_follow_the_write_policy_as_the_oracle_says(prog: Program, which: str) -> None:
+    check(prog, which)
+
+
+# ---------------------------------------------------------------------------
+# Regression tests for bugs the generator found (plain code, no hypothesis).
+
+
+def test_regression_stale_plan_refusal_after_state_shape_change():
+    """A plan built for other state shapes must not refuse the call before it is found stale."""
+    s = statemap.State(jnp.zeros(()), name="s")
+
+    def f(x):
+        if s.value.ndim == 0:
+            s.value = s.value + x  # a batched write: refused under 'raise'
+        return x
+
+    m = statemap.vmap(f)
+    xs = jnp.arange(3.0)
+    with pytest.raises(statemap.BatchAxisError):
+        m(xs)
+    s.value = jnp.zeros((2,))  # new shape: this signature writes nothing
+    np.testing.assert_allclose(m(xs), xs)
+    np.testing.assert_allclose(s.value, jnp.zeros((2,)))
+
+
+def test_regression_stale_plan_warning_not_repeated_after_state_shape_change():
+    """One warning per unexpected write, naming the current shape, also when the shape changed."""
+    h = statemap.HiddenState(jnp.array([1.0]), tag="h")
+    t = statemap.State(jnp.array(2.0), name="t")
+
+    def g():
+        t.value = jnp.cos(t.value) + h.value  # batched write to a broadcast state
+        return ()
+
+    m = statemap.vmap(g, state_in_axes={0: "h"}, unexpected_out_state_mapping="warn")
+    with pytest.warns(UserWarning, match=r"'t' \(shape \(\)\)"):
+        m()
+    assert t.value.shape == (1,)
+    with pytest.warns(UserWarning) as record:
+        m()
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert "'t' (shape (1,))" in messages[0]
+    np.testing.assert_allclose(t.value, jnp.cos(jnp.cos(2.0) + 1.0)[None, None] + 1.0, rtol=1e-6)
+
+
+def test_regression_pmap_reads_a_state_it_stacked_as_broadcast_next_call():
+    """A state stacked by one pmap call is read broadcast by the next: no JAX sharding error."""
+    h = statemap.HiddenState(jnp.array([1.0, 2.0]), tag="h")
+    t = statemap.State(jnp.array(2.0), name="t")
+
+    def g():
+        t.value = jnp.cos(t.value) + h.value  # batched write to a broadcast state
+        return ()
+
+    m = statemap.pmap(g, state_in_axes={0: "h"}, unexpected_out_state_mapping="ignore")
+    m()
+    first = np.cos(2.0) + np.array([1.0, 2.0])
+    np.testing.assert_allclose(t.value, first, rtol=1e-6)
+    m()
+    jax.block_until_ready(t.value)
+    np.testing.assert_allclose(t.value, np.cos(first)[None, :] + np.array([1.0, 2.0])[:, None], rtol=1e-6)
+
+    w = statemap.State(jnp.zeros(()), name="w")
+    w.value = statemap.pmap(lambda x: x * 2, axis_size=2)(jnp.arange(2.0))
+    out = statemap.pmap(lambda x: x + w.value.sum())(jnp.arange(2.0))
+    np.testing.assert_allclose(out, np.arange(2.0) + 2.0)
