@@ -9,6 +9,8 @@ with an axis name bound outside any map.
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -20,6 +22,8 @@ from jax._src.interpreters import partial_eval as pe
 __all__ = ["LaneJaxpr", "eval_lane", "trace_lane"]
 
 Aval = Any
+
+_traces = itertools.count()
 
 
 class LaneJaxpr:
@@ -72,7 +76,11 @@ def trace_lane(
 
     debug = api_util.debug_info("statemap", fn, (), {})
     wrapped = lu.wrap_init(lane, debug_info=debug)
-    with core.extend_axis_env_nd([(axis_name, axis_size)]):  # type: ignore[list-item]
+    # A size-1 axis unique to this trace: the user's own jitted functions that
+    # read states close over this trace's inputs, and JAX's jit cache (keyed on
+    # the axis environment, not on the trace) must not hand them to a later trace.
+    this_trace = f"statemap-trace-{next(_traces)}"
+    with core.extend_axis_env_nd([(axis_name, axis_size), (this_trace, 1)]):  # type: ignore[list-item]
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
     return LaneJaxpr(jaxpr, consts)
 

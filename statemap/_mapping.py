@@ -148,7 +148,9 @@ class StatefulMapping(abc.ABC):
         self.policy = WritePolicy.parse(api, unexpected_out_state_mapping)
         self.static_argnums = _argnums(api, "static_broadcasted_argnums", static_argnums)
         self.donate_argnums = _argnums(api, "donate_argnums", donate_argnums)
-        self._lane_axis = axis_name if axis_name is not None else f"statemap-lane-{id(self):x}"
+        # One private name for every unnamed mapping: nested maps shadow it, as
+        # JAX allows, and JAX's caches keyed by axis names do not grow per mapping.
+        self._lane_axis = axis_name if axis_name is not None else "statemap-lane"
         self._plans = PlanCache()
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(self).__name__)

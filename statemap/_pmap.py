@@ -121,6 +121,11 @@ class PMapMapping(StatefulMapping):
         available = self._device_count()
         if size is None:
             return available
+        if size < 1:
+            raise ValueError(
+                f"{self.api}: the mapped axis has size {size}; pmap needs at least one lane "
+                f"(one device) per call. Skip the call for an empty batch, or use statemap.vmap."
+            )
         if self.devices is not None and size != available:
             raise ValueError(
                 f"{self.api}: the mapped axis has size {size}, but `devices` lists {available} "
