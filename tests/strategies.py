@@ -261,10 +261,21 @@ def initial_batched(prog: Program) -> dict[int, bool]:
     return b
 
 
-def analyse(prog: Program) -> Analysis:
-    """Batched-ness by construction: a value is batched iff it depends on a mapped input."""
-    args_b = [a.keyword or a.axis is not None for a in prog.args]
-    sb = initial_batched(prog)
+def analyse(
+    prog: Program,
+    initial: dict[int, bool] | None = None,
+    args_b: list[bool] | None = None,
+    psum_clears: bool = True,
+) -> Analysis:
+    """Batched-ness by construction: a value is batched iff it depends on a mapped input.
+
+    By default along the program's own axis. For an enclosing map, pass which
+    states (``initial``) and args (``args_b``) vary along it, and
+    ``psum_clears=False``: a ``psum`` over the inner axis keeps outer variation.
+    """
+    if args_b is None:
+        args_b = [a.keyword or a.axis is not None for a in prog.args]
+    sb = initial_batched(prog) if initial is None else dict(initial)
     made_b: list[bool] = []
     touched: set[int] = set()
     written: set[int] = set()
@@ -299,7 +310,7 @@ def analyse(prog: Program) -> Analysis:
                 else:
                     made_b[i] = new
             elif isinstance(op, Psum):
-                reg["acc"] = False
+                reg["acc"] = reg["acc"] and not psum_clears
             elif isinstance(op, Scan):
                 if op.src is not None:
                     reg["acc"] = reg["acc"] or src_b(op.src)
@@ -748,6 +759,7 @@ class Expected:
     values: dict[int, Any] = field(default_factory=dict)  # every state's value after the call
     written: set[int] = field(default_factory=set)
     advanced: set[int] = field(default_factory=set)  # per-lane-key states touched: advanced once
+    outer_warned: list[int] = field(default_factory=list)  # nested: states the outer 'warn' policy stacks
 
 
 class OracleError(AssertionError):
@@ -1045,3 +1057,144 @@ def _clamp_outs(prog: Program, ops: Sequence[Any]) -> list[Any]:
                 op = Out(op.src, op.axis % r)
         fixed.append(op)
     return fixed
+
+
+# ---------------------------------------------------------------------------
+# Nesting: a generated program under statemap.vmap, itself under statemap.vmap or pmap.
+
+
+@dataclass(frozen=True)
+class Nested:
+    """``outer(lambda: inner(*args))``: ``inner`` a statemap.vmap of ``prog``; the outer map
+    has ``m`` lanes, splits the states ``outer_split`` on axis 0 (their values gain a
+    leading axis of size m) and gives every other RandomState the inner program touches
+    a key per outer lane."""
+
+    prog: Program
+    m: int
+    outer_split: tuple[int, ...]
+    outer_policy: str = "raise"
+
+
+def outer_batched(nest: Nested) -> dict[int, bool]:
+    """Which states vary along the outer axis on entry to the outer lane."""
+    return {
+        j: j in nest.outer_split or s.kind == "random" for j, s in enumerate(nest.prog.states)
+    }
+
+
+def nested_values(nest: Nested) -> dict[int, Any]:
+    """Initial values: outer-split states stack one inner value per outer lane."""
+    per_lane = []
+    for lane in range(nest.m):
+        states = tuple(dataclasses.replace(s, seed=s.seed + lane) for s in nest.prog.states)
+        per_lane.append(initial_values(dataclasses.replace(nest.prog, states=states, data_seed=nest.prog.data_seed + 17 * lane)))
+    values = dict(per_lane[0])
+    for j in nest.outer_split:
+        values[j] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v[j] for v in per_lane])
+    return values
+
+
+def make_nested(nest: Nested, states: list[statemap.State], args: list[Any], which: str) -> statemap.StatefulMapping:
+    inner = make_mapping(nest.prog, states, "vmap")
+    pos, kw = call_arguments(nest.prog, states, args)
+
+    def outer_fn() -> Any:
+        return inner(*pos, **kw)
+
+    keywords = dict(
+        axis_size=nest.m,
+        state_in_axes={0: [states[j] for j in nest.outer_split]} if nest.outer_split else None,
+        unexpected_out_state_mapping=nest.outer_policy,
+    )
+    if which == "vmap":
+        return statemap.vmap(outer_fn, **keywords)
+    return statemap.pmap(outer_fn, "outer", **keywords)
+
+
+def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: str) -> Expected:
+    """The inner oracle (itself a jax.vmap) under an outer ``jax.vmap``/``jax.pmap``."""
+    prog, m = nest.prog, nest.m
+    inner = oracle(prog, {j: jax.tree.map(lambda x: x[0], v) if j in nest.outer_split else v for j, v in values.items()}, args, "vmap")
+    if inner.rejection:
+        return inner  # the inner call refuses while the outer one traces
+    changed = sorted(inner.written | inner.advanced)
+    outer_flags = outer_batched(nest)
+    info = analyse(prog, initial=outer_flags, args_b=[False] * len(prog.args), psum_clears=False)
+    exits: dict[int, str] = {}
+    for j in changed:
+        s = prog.states[j]
+        if s.kind == "random" and j not in nest.outer_split:
+            exits[j] = "advanced"  # an outer per-lane key: advanced once by the outer call
+        elif j in nest.outer_split:
+            exits[j] = "stacked"
+        elif (outer_flags[j] if j in inner.advanced else info.state_batched[j]):
+            exits[j] = {"raise": "refused", "warn": "warned", "ignore": "stacked"}[nest.outer_policy]
+        else:
+            exits[j] = "as_is"
+    expected = Expected(warned=list(inner.warned), written=set(changed))
+    refused = [j for j, how in exits.items() if how == "refused"]
+    if refused:
+        expected.rejection, expected.refused, expected.warned = "state", refused, []
+        return expected
+    expected.outer_warned = [j for j, how in exits.items() if how == "warned"]
+
+    new_parents: dict[int, Any] = {}
+    inputs: dict[int, Any] = {}
+    in_axes: dict[int, Any] = {}
+    for j, v in values.items():
+        if exits.get(j) == "advanced":
+            new_parents[j], base = jax.random.split(v)
+            inputs[j], in_axes[j] = jax.random.split(base, m), 0
+        elif j in nest.outer_split:
+            inputs[j], in_axes[j] = v, 0
+        else:
+            inputs[j], in_axes[j] = v, None
+
+    def outer_lane(vals: dict[int, Any]) -> Any:
+        got = oracle(prog, vals, args, "vmap")
+        return got.outs, got.made, {j: got.values[j] for j in changed if exits[j] != "advanced"}
+
+    out_axes = (0, 0, {j: None if exits[j] == "as_is" else 0 for j in changed if exits[j] != "advanced"})
+    if which == "vmap":
+        outs, made, new = jax.vmap(outer_lane, in_axes=(in_axes,), out_axes=out_axes, axis_size=m)(inputs)
+    else:
+        inputs = {j: jax.tree.map(to_host, v) for j, v in inputs.items()}
+        program = jax.pmap(lambda _, vals: outer_lane(vals), axis_name="outer", in_axes=(0, in_axes), out_axes=out_axes)
+        outs, made, new = jax.block_until_ready(program(np.arange(m), inputs))
+    expected.outs, expected.made = tuple(outs), tuple(made)
+    expected.values = {**values, **new, **new_parents}
+    return expected
+
+
+@st.composite
+def nested_programs(draw: Any) -> Nested:
+    prog = draw(programs(max_states=3, max_ops=6))
+    states = []
+    for s in prog.states:
+        if s.kind == "argstate":  # the outer lane closes over everything: no State arguments
+            s = dataclasses.replace(s, kind="split" if s.axis is not None else "broadcast", select="instance")
+        states.append(s)
+    prog = dataclasses.replace(prog, states=tuple(states), calls=1, mutate=False, explain=False)
+    prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
+    groups = len({entry_axis(s) for s in prog.states if s.select != "none"})
+    prog = dataclasses.replace(prog, in_order=tuple(draw(st.permutations(range(groups)))))
+    split = tuple(j for j in range(len(states)) if draw(st.integers(0, 2)) > 0)
+    sources = [j for j in split if states[j].kind != "random"]
+    targets = [j for j, s in enumerate(states) if s.kind != "random" and j not in split]
+    if draw(st.booleans()):
+        # A write that varies along the outer axis into a state the outer map does not split.
+        if not sources:
+            states.append(StateDef("broadcast", draw(lane_shapes)))
+            split += (len(states) - 1,)
+            sources.append(len(states) - 1)
+        if not targets:
+            states.append(StateDef("broadcast", draw(lane_shapes)))
+            targets.append(len(states) - 1)
+        prog = dataclasses.replace(prog, states=tuple(states))
+        write = Write(("state", draw(st.sampled_from(targets))), draw(st.sampled_from(["update", "replace"])), ("state", draw(st.sampled_from(sources))))
+        ops = list(prog.ops)
+        ops.insert(draw(st.integers(0, len(ops))), write)
+        prog = dataclasses.replace(prog, ops=tuple(ops))
+        prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
+    return Nested(prog, draw(st.integers(1, 3)), split, draw(st.sampled_from(["raise", "warn", "ignore"])))

@@ -37,17 +37,23 @@ from hypothesis.control import currently_in_test_context, event as _event
 from hypothesis import strategies as st
 from strategies import (
     Expected,
+    Nested,
     Out,
     Program,
+    arg_values,
+    call_arguments,
+    entry_axis,
+    initial_values,
     is_typed_key,
+    iter_ops,
     key_bits,
     make_mapping,
+    make_nested,
     make_states,
-    initial_values,
-    iter_ops,
-    call_arguments,
-    arg_values,
     mutated,
+    nested_oracle,
+    nested_programs,
+    nested_values,
     oracle,
     programs,
 )
@@ -81,8 +87,8 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 200, "pmap": 80, "policy": 120},
-    "long": {"vmap": 800, "pmap": 300, "policy": 400},
+    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80},
+    "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300},
 }[PROFILE]
 
 
@@ -221,6 +227,39 @@ def check_results(prog: Program, states: list[statemap.State], saved: list[Any],
     assert_concrete(states)
 
 
+def check_nested(nest: Nested, which: str) -> None:
+    """``nest.prog`` under statemap.vmap, under statemap ``which``, against the nested oracle."""
+    if which == "pmap" and nest.m > jax.local_device_count():
+        return
+    prog = nest.prog
+    values = nested_values(nest)
+    states = make_states(prog, values)
+    args = arg_values(prog, 0)
+    mapping = make_nested(nest, states, args, which)
+    want = nested_oracle(nest, values, args, which)
+    saved = [(s, s.value) for s in states]
+    event(f"nested {which}: " + (f"refused ({want.rejection})" if want.rejection else "warned" if want.outer_warned else "ran"))
+    if nest.outer_split:
+        event("nested: states split at both levels" if any(
+            entry_axis(prog.states[j]) is not None for j in nest.outer_split) else "nested: states split by the outer map")
+    if want.rejection:
+        check_rejection(mapping, [], {}, want, saved)
+        return
+    warned = [*want.warned, *want.outer_warned]
+    if warned:
+        with pytest.warns(UserWarning) as record:
+            out = mapping()
+        messages = [str(w.message) for w in record]
+        assert len(messages) == len(warned), messages
+        for j in warned:
+            assert any(f"'s{j}'" in m for m in messages), (j, messages)
+    else:
+        out = mapping()
+    if which == "pmap":
+        jax.block_until_ready((out, [s.value for s in states]))
+    check_results(prog, states, saved, out, want, "nested call")
+
+
 # ---------------------------------------------------------------------------
 # The properties.
 
@@ -235,6 +274,12 @@ def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
 @given(programs())
 def test_pmap_matches_the_jax_pmap_oracle(prog: Program) -> None:
     check(prog, "pmap")
+
+
+@profile("nested")
+@given(nested_programs(), st.sampled_from(["vmap", "vmap", "pmap"]))
+def test_nested_mappings_match_the_nested_oracle(nest: Nested, which: str) -> None:
+    check_nested(nest, which)
 
 
 @profile("policy")
