@@ -36,8 +36,7 @@ only a ``scan`` advances, so it is never batched):
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -567,11 +566,11 @@ def initial_values(prog: Program) -> dict[int, Any]:
         else:
             rng = np.random.default_rng((prog.data_seed, 1000 + j))
             axis = s.axis if s.kind in ("split", "argstate") else None
-            values[j] = jax.tree.map(
-                lambda shape: jnp.asarray(rng.standard_normal(full_shape(shape, axis, prog.n)).astype(np.float32)),
-                s.shapes,
-                is_leaf=lambda x: isinstance(x, tuple),
-            )
+
+            def leaf(shape: tuple[int, ...], rng: Any = rng, axis: int | None = axis) -> Any:
+                return jnp.asarray(rng.standard_normal(full_shape(shape, axis, prog.n)).astype(np.float32))
+
+            values[j] = jax.tree.map(leaf, s.shapes, is_leaf=lambda x: isinstance(x, tuple))
     return values
 
 
@@ -625,9 +624,9 @@ def filter_for(form: str, j: int, state: statemap.State) -> Any:
 
 
 def _axes_spec(groups: dict[Any, list[Any]], order: Sequence[int], bare: bool, shadow: bool, selected: list[Any]) -> Any:
+    """``{axis: filter}`` with the groups in ``order``, maybe a losing shadow entry, maybe bare."""
     if not groups:
         return None
-    """``{axis: filter}`` with the groups in ``order``, maybe a losing shadow entry, maybe bare."""
     position = {group: pos for pos, group in enumerate(order)}
     keys = [k for i, k in sorted(enumerate(groups), key=lambda ik: position.get(ik[0], len(groups) + ik[0]))]
     spec = {k: (groups[k][0] if len(groups[k]) == 1 else list(groups[k])) for k in keys}
@@ -716,14 +715,14 @@ def make_mapping(prog: Program, states: list[statemap.State], which: str) -> sta
             args[i] = kw[f"k{i}"]
         return interpret(prog, StatemapEnv(lane_states, args))
 
-    keywords = dict(
-        in_axes=in_axes(prog),
-        out_axes=out_axes(prog),
-        axis_size=prog.n if prog.axis_size else None,
-        state_in_axes=state_in_axes(prog, states),
-        state_out_axes=state_out_axes(prog, states),
-        unexpected_out_state_mapping=prog.policy,
-    )
+    keywords: dict[str, Any] = {
+        "in_axes": in_axes(prog),
+        "out_axes": out_axes(prog),
+        "axis_size": prog.n if prog.axis_size else None,
+        "state_in_axes": state_in_axes(prog, states),
+        "state_out_axes": state_out_axes(prog, states),
+        "unexpected_out_state_mapping": prog.policy,
+    }
     if which == "vmap":
         return statemap.vmap(fn, axis_name=prog.axis_name, **keywords)
     return statemap.pmap(fn, prog.axis_name, **keywords)
@@ -1067,20 +1066,22 @@ def _clamp_outs(prog: Program, ops: Sequence[Any]) -> list[Any]:
 class Nested:
     """``outer(lambda: inner(*args))``: ``inner`` a statemap.vmap of ``prog``; the outer map
     has ``m`` lanes, splits the states ``outer_split`` on axis 0 (their values gain a
-    leading axis of size m) and gives every other RandomState the inner program touches
-    a key per outer lane."""
+    leading axis of size m), marks ``outer_broadcast`` broadcast (``{None: ...}``) and
+    gives every other RandomState the inner program touches a key per outer lane."""
 
     prog: Program
     m: int
     outer_split: tuple[int, ...]
     outer_policy: str = "raise"
+    outer_broadcast: tuple[int, ...] = ()
+
+    def outer_lane_key(self, j: int) -> bool:
+        return self.prog.states[j].kind == "random" and j not in self.outer_split + self.outer_broadcast
 
 
 def outer_batched(nest: Nested) -> dict[int, bool]:
     """Which states vary along the outer axis on entry to the outer lane."""
-    return {
-        j: j in nest.outer_split or s.kind == "random" for j, s in enumerate(nest.prog.states)
-    }
+    return {j: j in nest.outer_split or nest.outer_lane_key(j) for j in range(len(nest.prog.states))}
 
 
 def nested_values(nest: Nested) -> dict[int, Any]:
@@ -1102,11 +1103,12 @@ def make_nested(nest: Nested, states: list[statemap.State], args: list[Any], whi
     def outer_fn() -> Any:
         return inner(*pos, **kw)
 
-    keywords = dict(
-        axis_size=nest.m,
-        state_in_axes={0: [states[j] for j in nest.outer_split]} if nest.outer_split else None,
-        unexpected_out_state_mapping=nest.outer_policy,
-    )
+    axes = {0: [states[j] for j in nest.outer_split], None: [states[j] for j in nest.outer_broadcast]}
+    keywords: dict[str, Any] = {
+        "axis_size": nest.m,
+        "state_in_axes": {k: v for k, v in axes.items() if v} or None,
+        "unexpected_out_state_mapping": nest.outer_policy,
+    }
     if which == "vmap":
         return statemap.vmap(outer_fn, **keywords)
     return statemap.pmap(outer_fn, "outer", **keywords)
@@ -1124,7 +1126,7 @@ def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: 
     exits: dict[int, str] = {}
     for j in changed:
         s = prog.states[j]
-        if s.kind == "random" and j not in nest.outer_split:
+        if nest.outer_lane_key(j):
             exits[j] = "advanced"  # an outer per-lane key: advanced once by the outer call
         elif j in nest.outer_split:
             exits[j] = "stacked"
@@ -1180,6 +1182,12 @@ def nested_programs(draw: Any) -> Nested:
     groups = len({entry_axis(s) for s in prog.states if s.select != "none"})
     prog = dataclasses.replace(prog, in_order=tuple(draw(st.permutations(range(groups)))))
     split = tuple(j for j in range(len(states)) if draw(st.integers(0, 2)) > 0)
+    # Stacked keys are no key: the outer map splits them or broadcasts them explicitly.
+    broadcast = tuple(
+        j
+        for j, s in enumerate(states)
+        if j not in split and ((s.kind == "random" and s.mode == "split") or draw(st.integers(0, 3)) == 0)
+    )
     sources = [j for j in split if states[j].kind != "random"]
     targets = [j for j, s in enumerate(states) if s.kind != "random" and j not in split]
     if draw(st.booleans()):
@@ -1197,4 +1205,5 @@ def nested_programs(draw: Any) -> Nested:
         ops.insert(draw(st.integers(0, len(ops))), write)
         prog = dataclasses.replace(prog, ops=tuple(ops))
         prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
-    return Nested(prog, draw(st.integers(1, 3)), split, draw(st.sampled_from(["raise", "warn", "ignore"])))
+    policy = draw(st.sampled_from(["raise", "warn", "ignore"]))
+    return Nested(prog, draw(st.integers(1, 3)), split, policy, broadcast)

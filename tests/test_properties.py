@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis.control import currently_in_test_context, event as _event
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from hypothesis.control import event as _event
 from strategies import (
     Expected,
     Nested,
@@ -73,11 +74,11 @@ with warnings.catch_warnings():
 # ---------------------------------------------------------------------------
 # Profiles.
 
-_COMMON = dict(
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+_COMMON: dict[str, Any] = {
+    "deadline": None,
+    "print_blob": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+}
 settings.register_profile("statemap-ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("statemap-long", derandomize=False, **_COMMON)
 
@@ -352,3 +353,25 @@ def test_regression_pmap_reads_a_state_it_stacked_as_broadcast_next_call():
     w.value = statemap.pmap(lambda x: x * 2, axis_size=2)(jnp.arange(2.0))
     out = statemap.pmap(lambda x: x + w.value.sum())(jnp.arange(2.0))
     np.testing.assert_allclose(out, np.arange(2.0) + 2.0)
+
+
+@pytest.mark.xfail(reason="open engine bug: a TypeError while tracing is taken for a missing axis size", strict=True)
+def test_regression_user_type_error_is_not_reported_as_missing_axis_size():
+    """A TypeError from the user's function propagates as is, after one run of the function."""
+    h = statemap.HiddenState(jnp.zeros(3), name="h")
+
+    def f():
+        return jnp.ones(2) + "oops"
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        statemap.vmap(f, state_in_axes=statemap.HiddenState)()
+
+    runs = []
+
+    def g():
+        runs.append(1)
+        return h.value + "oops"
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        statemap.vmap(g, state_in_axes=statemap.HiddenState)()
+    assert len(runs) == 1
