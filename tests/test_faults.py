@@ -9,8 +9,12 @@ random states included, holds exactly its previous value and no tracer
 """
 
 import gc
+import linecache
+import os
 import pathlib
 import re
+import sys
+import threading
 import weakref
 
 import jax
@@ -198,6 +202,129 @@ def test_keyboard_interrupt_on_a_warm_call(kind, fam):
     with pytest.raises(jax.errors.JaxRuntimeError, match="KeyboardInterrupt"):
         jax.block_until_ready(m(ones(B, 2)))
     assert_unchanged(saved)
+
+
+class InterruptAtLine:
+    """A ``sys.settrace`` tracer: KeyboardInterrupt at the k-th line of statemap's own code.
+
+    With ``k=None`` it only counts those lines. This is how a Ctrl-C that lands
+    at an arbitrary point of a call behaves; sweeping ``k`` over every line
+    makes the test deterministic. Lines that only open a block (``try:``,
+    ``finally:``, ...) are skipped: a signal is never delivered there, and on
+    CPython 3.11 an exception a tracer raises at a ``try:`` line inside a
+    ``with`` block skips the block's ``__exit__``, which real code cannot do.
+    """
+
+    package = os.path.dirname(statemap.__file__)
+    block_openers = ("try:", "finally:", "else:", "except", "with ")
+
+    def __init__(self, k=None):
+        self.k, self.lines = k, 0
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(self.package):
+            return self.local
+        return None
+
+    def local(self, frame, event, arg):
+        if event == "line":
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if source.startswith(self.block_openers):
+                return self.local
+            self.lines += 1
+            if self.lines == self.k:
+                raise KeyboardInterrupt
+        return self.local
+
+    def run(self, call):
+        """Run ``call()`` under this tracer; True if it was interrupted."""
+        previous = sys.gettrace()
+        sys.settrace(self)
+        try:
+            call()
+        except KeyboardInterrupt:
+            return True
+        finally:
+            sys.settrace(previous)
+        return False
+
+
+def in_a_thread_of_its_own(fn):
+    """Run ``fn()`` in a new thread and re-raise what it raised.
+
+    State watchers are per thread: if an interrupt leaves one behind, only
+    that thread is spoiled, not the test session's main thread.
+    """
+    errors = []
+
+    def body():
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 (re-raised below)
+            errors.append(err)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def _counters_and_family(fam):
+    counters = [statemap.State(jnp.zeros(()), name=f"c{i}") for i in range(3)]
+
+    def step(x):
+        for c in counters:
+            c.value = c.value + jax.lax.psum(jnp.float32(1), AX)
+        return fam.touch(x)
+
+    return counters, step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keyboard_interrupt_at_every_line_of_a_warm_call(kind, fam):
+    counters, step = _counters_and_family(fam)
+    states = [*counters, *fam.all]
+    m = make(kind, step, state_in_axes=SPLIT_H)
+    call = lambda: jax.block_until_ready(m(ones(B, 2)))
+    call()
+
+    def sweep():
+        counting = InterruptAtLine()
+        assert not counting.run(call)
+        for k in range(1, counting.lines + 1):
+            before = [s.value for s in states]
+            InterruptAtLine(k).run(call)
+            changed = [s.value is not v for s, v in zip(states, before)]
+            assert all(changed) or not any(changed), f"interrupt at line {k} left a torn call: {changed}"
+            if all(changed):  # the write-back was complete
+                assert {float(c.value) for c in counters} == {float(before[0]) + B}
+            assert_concrete(states)
+        call()  # and the mapping still works
+        assert len({float(c.value) for c in counters}) == 1
+
+    in_a_thread_of_its_own(sweep)
+
+
+def test_keyboard_interrupt_at_every_line_of_planning(fam):
+    # explain() runs the whole cold path up to the program: tracing, the
+    # thread's state watchers, batched-ness and the plan; it compiles nothing.
+    counters, step = _counters_and_family(fam)
+    saved = snapshot([*counters, *fam.all])
+    x = ones(B, 2)
+
+    def sweep():
+        counting = InterruptAtLine()
+        assert not counting.run(lambda: make("vmap", step, state_in_axes=SPLIT_H).explain(x))
+        for k in range(1, counting.lines + 1):
+            InterruptAtLine(k).run(lambda: make("vmap", step, state_in_axes=SPLIT_H).explain(x))
+            assert_unchanged(saved)  # reads see the real values: no watcher was left behind
+        with statemap.StateTrace() as trace:
+            fam.w.value = fam.w.value
+        assert trace.states == (fam.w,)
+
+    in_a_thread_of_its_own(sweep)
 
 
 def test_system_exit_inside_the_function(fam):
@@ -793,7 +920,7 @@ def test_pmap_over_a_zero_size_axis(fam):
         return x
 
     saved = snapshot([*fam.all, empty])
-    with pytest.raises(ValueError, match=r"statemap\.pmap: the mapped axis has size 0"):
+    with pytest.raises(ValueError, match=r"statemap\.pmap: the mapped axis has size 0; pmap needs at least one lane"):
         statemap.pmap(step, AX, state_in_axes={0: statemap.HiddenState})(ones(0, 2))
     assert_unchanged(saved)
 
