@@ -19,7 +19,7 @@ from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 
-__all__ = ["LaneJaxpr", "eval_lane", "trace_lane"]
+__all__ = ["AxisSizeNeeded", "LaneJaxpr", "escaped", "eval_lane", "fast_aval", "trace_lane"]
 
 Aval = Any
 
@@ -52,6 +52,25 @@ class LaneJaxpr:
         return str(self.jaxpr)
 
 
+class AxisSizeNeeded(Exception):
+    """The traced function used the axis size before anything gave it."""
+
+
+class _UnknownSize:
+    """Stands in for an axis size not known yet; using it raises ``AxisSizeNeeded``."""
+
+    def _needed(self, *args: Any) -> Any:
+        raise AxisSizeNeeded()
+
+    __index__ = __int__ = __float__ = _needed
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _needed
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _needed
+    __lt__ = __le__ = __gt__ = __ge__ = _needed
+
+    def __repr__(self) -> str:
+        return "<axis size not known yet>"
+
+
 def trace_lane(
     fn: Callable[[Callable[[Aval], Any], Sequence[Any]], Sequence[Any]],
     in_avals: Sequence[Aval],
@@ -63,7 +82,9 @@ def trace_lane(
     ``new_input(aval)`` appends an input to the running trace and returns its
     tracer; it may be called at any depth (inside the user's own ``jax.jit``,
     ``grad`` or ``scan``), where JAX sees it as a closed-over outer tracer.
-    Collectives over ``axis_name`` trace as inside a map of ``axis_size``.
+    Collectives over ``axis_name`` trace as inside a map of ``axis_size``;
+    if that is None and the function needs it (``psum`` of a constant,
+    ``axis_size``), ``AxisSizeNeeded`` is raised.
     """
     outer: list[Any] = []
 
@@ -80,7 +101,8 @@ def trace_lane(
     # read states close over this trace's inputs, and JAX's jit cache (keyed on
     # the axis environment, not on the trace) must not hand them to a later trace.
     this_trace = f"statemap-trace-{next(_traces)}"
-    with core.extend_axis_env_nd([(axis_name, axis_size), (this_trace, 1)]):  # type: ignore[list-item]
+    size = _UnknownSize() if axis_size is None else axis_size
+    with core.extend_axis_env_nd([(axis_name, size), (this_trace, 1)]):  # type: ignore[list-item]
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
     return LaneJaxpr(jaxpr, consts)
 

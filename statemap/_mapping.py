@@ -17,7 +17,7 @@ from ._cache import PlanCache
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
 from ._explain import Explanation
-from ._jax_internals import trace_lane
+from ._jax_internals import AxisSizeNeeded, trace_lane
 from ._plan import Plan, StalePlan, shapes_of
 from ._planner import (
     LaneOutputs,
@@ -241,9 +241,7 @@ class StatefulMapping(abc.ABC):
         sizes = call.sizes.copy()
         try:
             lane, recorder, outputs = self._trace(call, sizes, hint)
-        except TypeError as err:
-            if hint is not None:
-                raise
+        except AxisSizeNeeded:
             # The function needed the size while tracing (``psum`` of a constant,
             # ``axis_size``) and only split states give it: trace again with it.
             try:
@@ -253,7 +251,7 @@ class StatefulMapping(abc.ABC):
                     f"{self.api}: the function needs the axis size while it is traced "
                     f"(`jax.lax.psum` of a constant, `jax.lax.axis_size`), before any mapped "
                     f"argument or split state gives it. Pass `axis_size=n`."
-                ) from err
+                ) from None
             sizes = call.sizes.copy()
             lane, recorder, outputs = self._trace(call, sizes, hint)
         size = self._resolve_axis_size(sizes.size)
