@@ -10,7 +10,6 @@ with an axis name bound outside any map.
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
