@@ -287,7 +287,10 @@ def test_keyboard_interrupt_at_every_line_of_a_warm_call(kind, fam):
     counters, step = _counters_and_family(fam)
     states = [*counters, *fam.all]
     m = make(kind, step, state_in_axes=SPLIT_H)
-    call = lambda: jax.block_until_ready(m(ones(B, 2)))
+
+    def call():
+        jax.block_until_ready(m(ones(B, 2)))
+
     call()
 
     def sweep():

@@ -82,7 +82,7 @@ def oracle_step(h, w, count, key, x):
 
 
 def test_calls_on_disjoint_states_match_a_sequential_run():
-    n, calls = 4, 25
+    n, calls = 3, 20
     results = {}
 
     def work(i):
@@ -286,7 +286,7 @@ def test_states_dying_in_other_threads_while_calls_run():
     x = jnp.ones(B)
 
     def work(i):
-        for k in range(40):
+        for k in range(25):
             if i < 3:
                 s = statemap.ParamState(jnp.float32(k))
                 shared.explain(x, s)
