@@ -864,6 +864,16 @@ def test_static_argnum_out_of_range(argnum, fam):
     assert_unchanged(saved)
 
 
+def test_state_on_another_device_than_the_arguments(fam):
+    devices = jax.devices()
+    fam.w.value = jax.device_put(jnp.ones(2), devices[-1])
+    x = jax.device_put(ones(B, 2), devices[0])
+    saved = snapshot(fam.all)
+    with pytest.raises(ValueError, match=r"incompatible devices.*ParamState 'w'"):
+        make("vmap", fam.touch, state_in_axes=SPLIT_H)(x)
+    assert_unchanged(saved)
+
+
 def test_state_whose_buffer_was_deleted(fam):
     m = make("vmap", fam.touch, state_in_axes=SPLIT_H)
     m(ones(B, 2))
