@@ -166,7 +166,7 @@ class Program:
     shadow_in: bool = False  # a trailing state_in_axes entry that must lose (first match wins)
     shadow_out: bool = False
     calls: int = 1
-    mutate: bool = False  # the host changes every state's value between calls
+    mutate: str = "no"  # between calls the host changes the states' 'values' (or the broadcast ones' 'shapes')
     explain: bool = False
     data_seed: int = 0
     pack: bool = False  # positional array args go in one dict argument (in_axes a pytree prefix)
@@ -575,11 +575,15 @@ def initial_values(prog: Program) -> dict[int, Any]:
 
 
 def mutated(prog: Program, values: dict[int, Any]) -> dict[int, Any]:
-    """What the host writes into the states between calls (same shapes)."""
+    """What the host writes into the states between calls: new values, and for
+    ``mutate='shapes'`` a new leading axis on every broadcast state (a new plan)."""
     out = dict(values)
     for j, s in enumerate(prog.states):
-        if s.kind != "random":
-            out[j] = jax.tree.map(lambda x: jnp.asarray(x) * -0.5 + 0.25, values[j])
+        if s.kind == "random":
+            continue
+        out[j] = jax.tree.map(lambda x: jnp.asarray(x) * -0.5 + 0.25, values[j])
+        if prog.mutate == "shapes" and entry_axis(s) is None:
+            out[j] = jax.tree.map(lambda x, y: jnp.stack([jnp.asarray(x), y]), values[j], out[j])
     return out
 
 
@@ -1023,7 +1027,7 @@ def programs(draw: Any, max_states: int = 4, max_ops: int = 8, batched_write: bo
         shadow_in=draw(st.booleans()),
         shadow_out=draw(st.booleans()),
         calls=calls,
-        mutate=draw(st.booleans()),
+        mutate=draw(st.sampled_from(["no", "values", "shapes"])),
         explain=draw(st.booleans()),
         data_seed=draw(st.integers(0, 2**16)),
         pack=draw(st.booleans()),
@@ -1125,7 +1129,6 @@ def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: 
     info = analyse(prog, initial=outer_flags, args_b=[False] * len(prog.args), psum_clears=False)
     exits: dict[int, str] = {}
     for j in changed:
-        s = prog.states[j]
         if nest.outer_lane_key(j):
             exits[j] = "advanced"  # an outer per-lane key: advanced once by the outer call
         elif j in nest.outer_split:
@@ -1177,7 +1180,7 @@ def nested_programs(draw: Any) -> Nested:
         if s.kind == "argstate":  # the outer lane closes over everything: no State arguments
             s = dataclasses.replace(s, kind="split" if s.axis is not None else "broadcast", select="instance")
         states.append(s)
-    prog = dataclasses.replace(prog, states=tuple(states), calls=1, mutate=False, explain=False)
+    prog = dataclasses.replace(prog, states=tuple(states), calls=1, mutate="no", explain=False)
     prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
     groups = len({entry_axis(s) for s in prog.states if s.select != "none"})
     prog = dataclasses.replace(prog, in_order=tuple(draw(st.permutations(range(groups)))))
