@@ -29,7 +29,7 @@ from ._planner import (
     state_in_axes_per_leaf,
 )
 from ._policy import PolicyName, WritePolicy
-from ._state import State, current_watcher, pop_watcher, push_watcher, read_through
+from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher, read_through
 from ._writeback import commit, detached
 from .errors import BatchAxisError, StatemapError
 
@@ -264,6 +264,7 @@ class StatefulMapping(abc.ABC):
         try:
             lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, self._lane_axis, hint)
         finally:
+            drop_watcher(recorder)  # in case an interrupt landed between push and try
             for state in recorder.made:
                 state._value = None
         return lane, recorder, outputs
@@ -355,9 +356,11 @@ class StatefulMapping(abc.ABC):
             if plan.effects:
                 # A host callback may fail after dispatch: wait, so a failed call writes nothing.
                 jax.block_until_ready(outs)
-        except Exception:
+        except Exception as err:
             if not plan.fits(values):
                 raise StalePlan() from None
+            if "incompatible devices" in str(err):
+                raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from None
             raise
         if watcher is None and outs and isinstance(outs[0], jax.core.Tracer) and plan.writes:
             raise StatemapError(
@@ -367,6 +370,19 @@ class StatefulMapping(abc.ABC):
                 f"statemap mappings (statemap.vmap inside statemap.pmap) instead."
             )
         return commit(plan, outs, made, watcher)
+
+
+def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> str:
+    """Where the arguments and each input state live, for a devices error."""
+
+    def devices(tree: Any) -> list[int]:
+        return sorted({d.id for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()})
+
+    where = [f"{describe(s)} is on device(s) {devices(v)}" for s, v in zip(states, values)]
+    return (
+        f"the arguments are on device(s) {devices(call.leaves)}; " + "; ".join(where) + ". Move a "
+        f"state next to the arguments with `state.value = jax.device_put(state.value, device)`."
+    )
 
 
 def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:

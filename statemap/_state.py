@@ -58,20 +58,30 @@ def pop_watcher(watcher: Watcher) -> None:
     thread must not keep reading through them) and the mistake is reported;
     popping a watcher dropped that way later does nothing.
     """
-    stack = _watchers.stack
-    position = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is watcher), None)
-    if position is None:
-        return  # already dropped, when a watcher entered before it was exited
-    left_open = len(stack) - 1 - position
-    del stack[position:]
-    _watchers.top = stack[-1] if stack else None
-    if not left_open:
+    if drop_watcher(watcher) == 0:
         return
     raise RuntimeError(
         "statemap: state watchers (StateTrace or a mapping's trace) must be exited in "
         "the reverse order they were entered; a StateTrace entered inside this one was "
         "never exited. Use `with statemap.StateTrace() as trace:`."
     )
+
+
+def drop_watcher(watcher: Watcher) -> int:
+    """Remove ``watcher`` and any entered after it; return how many were after it.
+
+    Safe to call again (a watcher already gone is left alone), so cleanup code
+    can call it even if an interrupt cut the first attempt short.
+    """
+    stack = _watchers.stack
+    position = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is watcher), None)
+    if position is None:
+        return 0
+    # The new top first: reads consult ``top`` only, so they are right at every step.
+    _watchers.top = stack[position - 1] if position else None
+    left_open = len(stack) - 1 - position
+    del stack[position:]
+    return left_open
 
 
 def current_watcher() -> Watcher | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -13,6 +13,9 @@ from ._state import State, Watcher
 
 __all__ = ["commit", "detached"]
 
+# The slot's setter, called from C: see ``commit``.
+_set_value: Callable[[State, Any], None] = State.__dict__["_value"].__set__
+
 
 def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: Watcher | None) -> Any:
     """Write the program's outputs back to the states and rebuild the user's output.
@@ -21,26 +24,28 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     on later calls fresh copies of the plan's prototypes take their place.
     """
     pos = plan.num_user_leaves
-    written: list[tuple[Any, Any]] = []
+    states: list[Any] = []
+    values: list[Any] = []
     for out in plan.outs:
-        written.append((out.ref(), out.value(outs, pos)))
+        states.append(out.ref())
+        values.append(out.value(outs, pos))
         pos += out.num_leaves
     if plan.made and made is None:
         made = [copy.copy(p) for p in plan.prototypes]
-    created: list[tuple[State, Any]] = []
-    for state, out in zip(made or (), plan.made):
-        created.append((state, out.value(outs, pos)))
+    created: list[Any] = []
+    for out in plan.made:
+        created.append(out.value(outs, pos))
         pos += out.num_leaves
     for out, key in zip(plan.advanced, outs[pos:]):
-        written.append((out.ref(), key))
-    if watcher is None:
-        for state, value in written:
-            state._value = value
-    else:
-        for state, value in written:
+        states.append(out.ref())
+        values.append(key)
+    if watcher is not None:
+        for state, value in zip(states, values):
             watcher.write(state, value)
-    for state, value in created:
-        state._value = value
+        states, values = [], []
+    # One loop in C: an interrupt (KeyboardInterrupt) lands before or after
+    # it, never between two writes, so a call is never left half written.
+    any(map(_set_value, states + (made or []), values + created))
     leaves = outs[: plan.num_user_leaves]
     if plan.returns_states:
         leaves = _with_states(plan, leaves, made or [])
