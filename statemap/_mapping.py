@@ -381,7 +381,7 @@ def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> st
     where = [f"{describe(s)} is on device(s) {devices(v)}" for s, v in zip(states, values)]
     return (
         f"the arguments are on device(s) {devices(call.leaves)}; " + "; ".join(where) + ". Move a "
-        f"state next to the arguments with `state.value = jax.device_put(state.value, device)`."
+        "state next to the arguments with `state.value = jax.device_put(state.value, device)`."
     )
 
 
