@@ -1124,7 +1124,9 @@ def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: 
     inner = oracle(prog, {j: jax.tree.map(lambda x: x[0], v) if j in nest.outer_split else v for j, v in values.items()}, args, "vmap")
     if inner.rejection:
         return inner  # the inner call refuses while the outer one traces
-    changed = sorted(inner.written | inner.advanced)
+    # The outer map keys every RandomState the inner program touches (reads included).
+    outer_keyed = {j for j in analyse(prog).touched if nest.outer_lane_key(j)}
+    changed = sorted(inner.written | inner.advanced | outer_keyed)
     outer_flags = outer_batched(nest)
     info = analyse(prog, initial=outer_flags, args_b=[False] * len(prog.args), psum_clears=False)
     exits: dict[int, str] = {}
@@ -1140,7 +1142,7 @@ def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: 
     expected = Expected(warned=list(inner.warned), written=set(changed))
     refused = [j for j, how in exits.items() if how == "refused"]
     if refused:
-        expected.rejection, expected.refused, expected.warned = "state", refused, []
+        expected.rejection, expected.refused = "state", refused  # after the inner call's warnings
         return expected
     expected.outer_warned = [j for j, how in exits.items() if how == "warned"]
 
