@@ -869,7 +869,11 @@ def test_state_on_another_device_than_the_arguments(fam):
     fam.w.value = jax.device_put(jnp.ones(2), devices[-1])
     x = jax.device_put(ones(B, 2), devices[0])
     saved = snapshot(fam.all)
-    with pytest.raises(ValueError, match=r"incompatible devices.*ParamState 'w'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"statemap\.vmap: incompatible devices: the arguments are on device\(s\) \[{devices[0].id}\]; .*"
+        rf"ParamState 'w' \(shape \(2,\)\) is on device\(s\) \[{devices[-1].id}\]\. Move a state next to",
+    ):
         make("vmap", fam.touch, state_in_axes=SPLIT_H)(x)
     assert_unchanged(saved)
 
