@@ -37,7 +37,7 @@ class Call:
         self.mapping = mapping
         self.num_args = len(args)
         self.statics = _statics(mapping, args) if mapping.static_argnums else ()
-        self.dynamic = tuple(a for i, a in enumerate(args) if i not in dict(self.statics)) if self.statics else args
+        self.dynamic = tuple(args[i] for i in self.positions) if self.statics else args
         self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
         try:
