@@ -1043,7 +1043,11 @@ def test_state_traces_exited_out_of_order(fam):
     outer.__enter__()
     inner.__enter__()
     try:
-        with pytest.raises(RuntimeError, match=r"must be exited in the reverse order they were entered"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"must be exited in the reverse order they were entered; a StateTrace entered inside this one "
+            r"was never exited",
+        ):
             outer.__exit__(None, None, None)
     finally:
         inner.__exit__(None, None, None)
