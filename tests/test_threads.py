@@ -286,7 +286,7 @@ def test_states_dying_in_other_threads_while_calls_run():
     x = jnp.ones(B)
 
     def work(i):
-        for k in range(25):
+        for k in range(15):
             if i < 3:
                 s = statemap.ParamState(jnp.float32(k))
                 shared.explain(x, s)
