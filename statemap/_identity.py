@@ -42,4 +42,4 @@ class IdentityDict(MutableMapping[K, V], Generic[K, V]):
         return len(self._items)
 
     def __repr__(self) -> str:
-        return f"IdentityDict({dict(self._items.values())!r})"
+        return f"IdentityDict({list(self._items.values())!r})"
