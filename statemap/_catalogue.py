@@ -12,10 +12,12 @@ import numpy as np
 
 from ._axes import StateAxes, axis_in_range, lane_aval
 from ._random import RandomState, is_key
+from ._identity import IdentityDict
+from ._jax_internals import LaneTrace
 from ._state import State, Watcher, describe, label, read_through
-from .errors import BatchAxisError
+from .errors import BatchAxisError, StatemapError
 
-__all__ = ["Entry", "LaneRecorder", "SizeSources", "StateIn"]
+__all__ = ["Decide", "Entry", "LaneRecorder", "MappedEntries", "SizeSources", "StateIn", "pass_through"]
 
 
 class Entry(enum.Enum):
@@ -38,7 +40,7 @@ class StateIn:
 
     @is_leaf.default
     def _is_leaf(self) -> bool:
-        return jax.tree_util.treedef_is_leaf(self.treedef)
+        return jax.tree_util.treedef_is_leaf(self.treedef) and self.treedef.num_leaves == 1
 
 
 @attrs.define
@@ -73,6 +75,15 @@ class SizeSources:
             )
 
 
+Decide = Callable[[State, Any, SizeSources], tuple[Entry, "int | None"]]
+"""How a state enters: given the state, its value outside and the size sources."""
+
+
+def pass_through(state: State, value: Any, sizes: SizeSources) -> tuple[Entry, int | None]:
+    """Every state enters as it is: the rule of transforms without a mapped axis."""
+    return Entry.BROADCAST, None
+
+
 class LaneRecorder(Watcher):
     """Watches the lane trace: each state first touched becomes a lane input.
 
@@ -80,39 +91,50 @@ class LaneRecorder(Watcher):
     states themselves keep their values, so a failed trace changes nothing.
     """
 
-    def __init__(
-        self,
-        api: str,
-        state_in_axes: StateAxes,
-        sizes: SizeSources,
-        parent: Watcher | None,
-        arg_axes: dict[State, tuple[str, int | None]],
-    ):
+    def __init__(self, api: str, decide: Decide, sizes: SizeSources, parent: Watcher | None):
         self.api = api
-        self.state_in_axes = state_in_axes
-        self.arg_axes = arg_axes
+        self.decide = decide
         self.sizes = sizes
         self.parent = parent
-        self.new_input: Callable[[Any], Any] | None = None
-        self.inputs: dict[State, StateIn] = {}
-        self.before: dict[State, Any] = {}
-        self.lane_values: dict[State, Any] = {}
-        self.written: dict[State, None] = {}
-        self.made: dict[State, None] = {}
+        self.lane: LaneTrace | None = None
+        self.inputs: IdentityDict[State, StateIn] = IdentityDict()
+        self.before: IdentityDict[State, Any] = IdentityDict()
+        self.lane_values: IdentityDict[State, Any] = IdentityDict()
+        self.written: IdentityDict[State, None] = IdentityDict()
+        self.made: IdentityDict[State, None] = IdentityDict()
+        # States read inside a nested JAX trace since they were last written.
+        self.read_nested: IdentityDict[State, None] = IdentityDict()
 
     def read(self, state: State) -> Any:
         if state in self.made:
             return state._value
         if state not in self.inputs:
             self._enter(state)
+        assert self.lane is not None
+        if not self.lane.is_current():
+            self.read_nested[state] = None
         return self.lane_values[state]
 
     def write(self, state: State, value: Any) -> None:
+        assert self.lane is not None
+        if not self.lane.is_current():
+            raise StatemapError(
+                f"{self.api}: {describe(state)} is written (or drawn from) inside a JAX "
+                f"transform that statemap does not manage (jax.jit, jax.lax.scan, fori_loop, "
+                f"while_loop, cond, switch, jax.checkpoint, jax.vmap, ...), whose values cannot "
+                f"leave it. Use statemap's own transform instead (statemap.jit, statemap.scan, "
+                f"statemap.for_loop, statemap.fori_loop, statemap.while_loop, statemap.cond, "
+                f"statemap.switch, statemap.vmap), or return the value and write the state outside."
+            )
         if state in self.made:
             state._value = value
             return
         if state not in self.inputs:
             self._enter(state)
+        if state in self.read_nested:
+            # A nested trace JAX may reuse read the old value: make it trace again.
+            del self.read_nested[state]
+            self.lane.forget_nested_traces()
         self.lane_values[state] = value
         self.written[state] = None
 
@@ -121,47 +143,14 @@ class LaneRecorder(Watcher):
             self.parent.created(state)
         self.made[state] = None
 
-    def _check_split_keys(self, state: State, axis: int) -> None:
-        value = self.before[state]
-        if is_key(value):
-            raise BatchAxisError(
-                f"{self.api}: `state_in_axes` splits {describe(state)} on axis {axis}, but it "
-                f"holds a single key. Leave it out of `state_in_axes` to give each lane its own "
-                f"key, or store one key per lane (`state.value = jax.random.split(key, n)`)."
-            )
-
-    def _entry(self, state: State) -> tuple[Entry, int | None]:
-        selected, axis = self.state_in_axes.match(state)
-        if state in self.arg_axes:
-            name, arg_axis = self.arg_axes[state]
-            if selected and axis != arg_axis:
-                raise BatchAxisError(
-                    f"{self.api}: {describe(state)} is reached twice with different axes: "
-                    f"`in_axes` maps argument {name} on axis {arg_axis}, and `state_in_axes` "
-                    f"on axis {axis}. Give it one axis: change `in_axes`, or leave the state "
-                    f"out of `state_in_axes`."
-                )
-            selected, axis = True, arg_axis
-        if selected and axis is not None:
-            if isinstance(state, RandomState):
-                self._check_split_keys(state, axis)
-            return Entry.SPLIT, axis
-        if isinstance(state, RandomState) and not selected:
-            if not is_key(self.before[state]):
-                raise TypeError(
-                    f"{self.api}: {describe(state)} does not hold a PRNG key, so it cannot "
-                    f"give each lane its own key. Reseed it with `state.seed(0)`."
-                )
-            return Entry.LANE_KEY, None
-        return Entry.BROADCAST, None
-
     def _enter(self, state: State) -> None:
-        self.before[state] = read_through(self.parent, state)
-        entry, axis = self._entry(state)
-        leaves, treedef = jax.tree.flatten(self.before[state])
+        value = read_through(self.parent, state)
+        self.before[state] = value
+        entry, axis = self.decide(state, value, self.sizes)
+        leaves, treedef = jax.tree.flatten(value)
         leaf_axes = tuple(self._split_axis(state, axis, leaf) for leaf in leaves)
-        assert self.new_input is not None
-        tracers = [self.new_input(lane_aval(x, a)) for x, a in zip(leaves, leaf_axes)]
+        assert self.lane is not None
+        tracers = [self.lane.new_input(lane_aval(x, a)) for x, a in zip(leaves, leaf_axes)]
         self.inputs[state] = StateIn(entry, axis, leaf_axes, treedef)
         self.lane_values[state] = jax.tree.unflatten(treedef, tracers)
 
@@ -178,3 +167,50 @@ class LaneRecorder(Watcher):
             )
         self.sizes.add(label(state), fixed, leaf)
         return fixed
+
+
+@attrs.frozen
+class MappedEntries:
+    """How a mapping's states enter: split by ``state_in_axes`` or ``in_axes``, keys per lane."""
+
+    api: str
+    state_in_axes: StateAxes
+    arg_axes: IdentityDict[State, tuple[str, int | None]]
+
+    def __call__(self, state: State, value: Any, sizes: SizeSources) -> tuple[Entry, int | None]:
+        selected, axis = self.state_in_axes.match(state)
+        argument = None
+        if state in self.arg_axes:
+            argument, arg_axis = self.arg_axes[state]
+            if selected and axis != arg_axis:
+                raise BatchAxisError(
+                    f"{self.api}: {describe(state)} is reached twice with different axes: "
+                    f"`in_axes` maps argument {argument} on axis {arg_axis}, and `state_in_axes` "
+                    f"on axis {axis}. Give it one axis: change `in_axes`, or leave the state "
+                    f"out of `state_in_axes`."
+                )
+            selected, axis = True, arg_axis
+        # A key given as an argument with `in_axes` None is read like a closed-over one.
+        if isinstance(state, RandomState) and (not selected or (argument is not None and axis is None)):
+            if not is_key(value):
+                raise TypeError(
+                    f"{self.api}: {describe(state)} does not hold a PRNG key, so it cannot "
+                    f"give each lane its own key. Reseed it with `state.seed(0)`."
+                )
+            return Entry.LANE_KEY, None
+        if selected and axis is not None:
+            if isinstance(state, RandomState) and is_key(value):
+                raise BatchAxisError(self._split_key_message(state, axis, argument))
+            return Entry.SPLIT, axis
+        return Entry.BROADCAST, None
+
+    def _split_key_message(self, state: State, axis: int, argument: str | None) -> str:
+        if argument is None:
+            where, fix = f"`state_in_axes` splits {describe(state)} on axis {axis}", "Leave it out of `state_in_axes`"
+        else:
+            where = f"`in_axes` maps argument {argument}, {describe(state)}, on axis {axis}"
+            fix = "Pass `None` for it in `in_axes`"
+        return (
+            f"{self.api}: {where}, but it holds a single key. {fix} to give each lane its own "
+            f"key, or store one key per lane (`state.value = jax.random.split(key, n)`)."
+        )

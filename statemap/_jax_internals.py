@@ -9,6 +9,7 @@ with an axis name bound outside any map.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -18,7 +19,16 @@ from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 
-__all__ = ["AxisSizeNeeded", "LaneJaxpr", "escaped", "eval_lane", "fast_aval", "trace_lane"]
+__all__ = [
+    "AxisSizeNeeded",
+    "LaneJaxpr",
+    "LaneTrace",
+    "escaped",
+    "eval_lane",
+    "fast_aval",
+    "trace_lane",
+    "under_staging_trace",
+]
 
 Aval = Any
 
@@ -70,40 +80,83 @@ class _UnknownSize:
         return "<axis size not known yet>"
 
 
+class LaneTrace:
+    """The running trace of one stateful function, as its catalogue sees it."""
+
+    __slots__ = ("_trace", "_scopes")
+
+    def __init__(self) -> None:
+        self._trace: Any = None
+        self._scopes: contextlib.ExitStack = contextlib.ExitStack()
+
+    def new_input(self, aval: Aval) -> Any:
+        """Append an input of type ``aval`` to the trace and return its tracer.
+
+        It may be called at any depth (inside the user's own ``jax.jit``,
+        ``grad`` or ``scan``), where JAX sees it as a closed-over outer tracer.
+        """
+        return self._trace.new_arg(aval, source_info_util.current())
+
+    def is_current(self) -> bool:
+        """Whether code runs at this trace's own level, not inside a nested JAX transform."""
+        return core.trace_ctx.trace is self._trace
+
+    def forget_nested_traces(self) -> None:
+        """Make JAX's caches miss for nested traces made from now on.
+
+        JAX reuses the trace of a ``jax.jit`` function, ``lax.cond`` branch or
+        loop body for the same function, avals and axis environment; a reuse
+        would hand back the value a state had when that trace first read it.
+        Binding another size-1 axis changes the axis environment until this
+        trace ends.
+        """
+        self._scopes.enter_context(core.extend_axis_env_nd([(f"statemap-trace-{next(_traces)}", 1)]))
+
+
 def trace_lane(
-    fn: Callable[[Callable[[Aval], Any], Sequence[Any]], Sequence[Any]],
+    fn: Callable[[LaneTrace, Sequence[Any]], Sequence[Any]],
     in_avals: Sequence[Aval],
-    axis_name: Hashable,
+    axis_name: Hashable | None,
     axis_size: int | None,
 ) -> LaneJaxpr:
-    """Trace ``fn(new_input, arg_tracers) -> flat outputs`` to a jaxpr.
+    """Trace ``fn(lane_trace, arg_tracers) -> flat outputs`` to a jaxpr.
 
-    ``new_input(aval)`` appends an input to the running trace and returns its
-    tracer; it may be called at any depth (inside the user's own ``jax.jit``,
-    ``grad`` or ``scan``), where JAX sees it as a closed-over outer tracer.
-    Collectives over ``axis_name`` trace as inside a map of ``axis_size``;
-    if that is None and the function needs it (``psum`` of a constant,
-    ``axis_size``), ``AxisSizeNeeded`` is raised.
+    ``lane_trace.new_input(aval)`` appends an input to the running trace.
+    Collectives over ``axis_name`` (None: no mapped axis) trace as inside a map
+    of ``axis_size``; if that is None and the function needs it (``psum`` of a
+    constant, ``axis_size``), ``AxisSizeNeeded`` is raised.
     """
-    outer: list[Any] = []
-
-    def new_input(aval: Aval) -> Any:
-        return outer[0].new_arg(aval, source_info_util.current())
+    handle = LaneTrace()
 
     def lane(*args: Any) -> Sequence[Any]:
-        outer.append(core.trace_ctx.trace)
-        return fn(new_input, args)
+        handle._trace = core.trace_ctx.trace
+        with handle._scopes:
+            return fn(handle, args)
 
     debug = api_util.debug_info("statemap", fn, (), {})
     wrapped = lu.wrap_init(lane, debug_info=debug)
     # A size-1 axis unique to this trace: the user's own jitted functions that
     # read states close over this trace's inputs, and JAX's jit cache (keyed on
     # the axis environment, not on the trace) must not hand them to a later trace.
-    this_trace = f"statemap-trace-{next(_traces)}"
-    size = _UnknownSize() if axis_size is None else axis_size
-    with core.extend_axis_env_nd([(axis_name, size), (this_trace, 1)]):  # type: ignore[list-item]
+    axes: list[tuple[Hashable, Any]] = [(f"statemap-trace-{next(_traces)}", 1)]
+    if axis_name is not None:
+        axes.insert(0, (axis_name, _UnknownSize() if axis_size is None else axis_size))
+    with core.extend_axis_env_nd(axes):  # type: ignore[arg-type]
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
     return LaneJaxpr(jaxpr, consts)
+
+
+def under_staging_trace() -> bool:
+    """Whether code runs inside a JAX transform that stages a jaxpr (``jax.jit``, a loop body, ...).
+
+    Concrete values read there become constants of a program JAX may cache.
+    """
+    trace: Any = core.trace_ctx.trace
+    while trace is not None:
+        if isinstance(trace, pe.DynamicJaxprTrace):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
 
 
 def eval_lane(lane: LaneJaxpr, inputs: Sequence[Any]) -> list[Any]:

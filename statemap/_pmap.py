@@ -40,6 +40,7 @@ class PMapMapping(StatefulMapping):
     """
 
     api = "statemap.pmap"
+    static_argnums_name = "static_broadcasted_argnums"
     default_size_origin = "the number of devices"
 
     def __init__(

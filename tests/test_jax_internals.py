@@ -16,9 +16,9 @@ def _f32(*shape):
 
 
 def test_late_inputs_are_appended_after_the_arguments():
-    def body(new_input, args):
+    def body(lane_trace, args):
         (x,) = args
-        w = new_input(_f32(3))
+        w = lane_trace.new_input(_f32(3))
         return [x * w]
 
     lane = internals.trace_lane(body, [_f32(3)], "i", 4)
@@ -28,10 +28,10 @@ def test_late_inputs_are_appended_after_the_arguments():
 
 
 def test_late_inputs_work_inside_nested_jit_and_grad():
-    def body(new_input, args):
+    def body(lane_trace, args):
         (x,) = args
-        y = jax.jit(lambda x: x * new_input(_f32(3)))(x)
-        g = jax.grad(lambda x: (x * new_input(_f32(3))).sum())(x)
+        y = jax.jit(lambda x: x * lane_trace.new_input(_f32(3)))(x)
+        g = jax.grad(lambda x: (x * lane_trace.new_input(_f32(3))).sum())(x)
         return [y, g]
 
     lane = internals.trace_lane(body, [_f32(3)], "i", 4)
@@ -42,7 +42,7 @@ def test_late_inputs_work_inside_nested_jit_and_grad():
 
 
 def test_collectives_trace_with_the_axis_bound():
-    def body(new_input, args):
+    def body(lane_trace, args):
         return [jax.lax.psum(args[0], "i"), jax.lax.psum(1, "i"), jax.lax.axis_index("i")]
 
     lane = internals.trace_lane(body, [_f32()], "i", 4)

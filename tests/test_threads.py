@@ -110,13 +110,15 @@ def test_one_mapping_shared_by_threads_with_their_own_states_as_arguments():
     n, calls = 4, 20
 
     def step(x, h, rng):
-        h.value = h.value + x + rng.uniform(())  # rng is broadcast: one key for all lanes
+        h.value = h.value + x + rng.uniform(())  # a key argument gives each lane its own key
         return h.value * 2
 
     @jax.jit
     def oracle(x, h, key):
-        new_key, draw = jax.random.split(key)
-        h = h + x + jax.random.uniform(draw, ())
+        new_key, base = jax.random.split(key)
+        lane_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(x.shape[0]))
+        draws = jax.vmap(lambda k: jax.random.uniform(jax.random.split(k)[1], ()))(lane_keys)
+        h = h + x + draws
         return h * 2, h, new_key
 
     shared = statemap.vmap(step, in_axes=(0, 0, None))

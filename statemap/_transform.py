@@ -1,0 +1,300 @@
+"""StatefulTransform: the engine every statemap transform shares."""
+
+from __future__ import annotations
+
+import abc
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+
+from ._cache import PlanCache
+from ._call import Call
+from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
+from ._explain import Explanation
+from ._identity import IdentityDict
+from ._jax_internals import LaneJaxpr, LaneTrace, trace_lane, under_staging_trace
+from ._plan import Plan, StalePlan, shapes_of
+from ._planner import Decisions, LaneOutputs, collect_outputs
+from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher, read_through
+from ._writeback import commit, detached
+from .errors import BatchAxisError, StatemapError
+
+__all__ = ["MISSING", "StatefulTransform"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""The default of ``fn`` in ``vmap``/``pmap``/``jit``: without a function they return a decorator."""
+
+# One call at a time: two threads writing the same state must not interleave.
+_CALL_LOCK = threading.RLock()
+
+
+class StatefulTransform(abc.ABC):
+    """A JAX transform over a function that reads and writes ``State`` objects.
+
+    The base traces the function once per call signature, cataloguing the
+    states it touches (each becomes an input of the traced program when first
+    touched), caches the plan, runs it on the states' current values and
+    writes the results back all-or-nothing. Subclasses say how states enter
+    (``_entries``) and turn a traced function into a plan (``_build``).
+    """
+
+    api: str = "statemap.StatefulTransform"
+    static_argnums_name: str = "static_argnums"
+    in_axes: Any = None
+    axis_size: int | None = None
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (),
+        donate_argnums: int | Sequence[int] = (),
+    ):
+        if not callable(fn):
+            raise TypeError(f"{self.api}: `fn` must be callable, got {type(fn).__name__}: {fn!r}.")
+        self.fn = fn
+        self.static_argnums = _argnums(self.api, self.static_argnums_name, static_argnums)
+        self.static_argnames = _argnames(self.api, static_argnames)
+        self.donate_argnums = _argnums(self.api, "donate_argnums", donate_argnums)
+        self._plans = PlanCache()
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", type(self).__name__)
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__name__})"
+
+    # Hooks for subclasses.
+
+    @abc.abstractmethod
+    def _build(self, call: Call) -> tuple[Plan, list[State]]:
+        """Trace the function for ``call`` (with ``_trace``) and return its plan and the states it created."""
+
+    def _entries(self, call: Call) -> Decide:
+        """How each state enters the traced function; as it is, by default."""
+        return pass_through
+
+    def _explain_lines(self, plan: Plan) -> list[str]:
+        """Extra lines for ``explain()`` (devices, for instance); none by default."""
+        return []
+
+    # The call.
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = Call(self, args, kwargs)
+        with _CALL_LOCK:
+            for rank, plan in enumerate(self._plans.get(call.key)):
+                try:
+                    out = self._run(plan, call, None)
+                except StalePlan:
+                    if plan.states() is None:
+                        self._plans.discard(call.key, plan)
+                    continue
+                if rank:
+                    self._plans.promote(call.key, plan)
+                return out
+            plan, made = self._build(call)
+            self._plans.add(call.key, plan)
+            return self._run(plan, call, made)
+
+    def explain(self, *args: Any, **kwargs: Any) -> Explanation:
+        """Show the plan for a call with these arguments without running it.
+
+        The function is traced (once per signature, as by a call) but the
+        program does not run and no state changes; a later call with the same
+        signature reuses the plan.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import statemap
+          >>> h = statemap.HiddenState(jnp.zeros((4, 2)), name='h')
+          >>> step = statemap.vmap(lambda x: h.value + x, state_in_axes=statemap.HiddenState)
+          >>> print(step.explain(jnp.ones((4, 2))))  # doctest: +NORMALIZE_WHITESPACE
+          statemap.vmap plan for <lambda>: 4 lanes (axis size from argument args[0], axis 0)
+          state                     enters           leaves
+          HiddenState 'h' (4, 2)    split on axis 0  unchanged
+        """
+        call = Call(self, args, kwargs)
+        with _CALL_LOCK:
+            plan = next((p for p in self._plans.get(call.key) if self._fits(p)), None)
+            if plan is None:
+                plan, _ = self._build(call)
+                self._plans.add(call.key, plan)
+        return Explanation(self.api, self.__name__, plan, self._explain_lines(plan))
+
+    def _trace(
+        self, call: Call, sizes: SizeSources, axis_name: Hashable | None, hint: int | None
+    ) -> tuple[Any, LaneRecorder, LaneOutputs]:
+        """Trace the function once: its jaxpr, the catalogue of its states, and its outputs."""
+        recorder = LaneRecorder(self.api, self._entries(call), sizes, current_watcher())
+        outputs = LaneOutputs()
+        try:
+            lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, axis_name, hint)
+        finally:
+            drop_watcher(recorder)  # in case an interrupt landed between push and try
+            for state in recorder.made:
+                state._value = None
+        return lane, recorder, outputs
+
+    def _lane_body(
+        self, call: Call, recorder: LaneRecorder, outputs: LaneOutputs
+    ) -> Callable[[LaneTrace, Sequence[Any]], list[Any]]:
+        def body(lane: LaneTrace, arg_tracers: Sequence[Any]) -> list[Any]:
+            recorder.lane = lane
+            args, kwargs = call.rebuild(arg_tracers)
+            push_watcher(recorder)
+            try:
+                out = self.fn(*args, **kwargs)
+            finally:
+                pop_watcher(recorder)
+            return collect_outputs(self.api, out, recorder, outputs)
+
+        return body
+
+    def _assemble(
+        self,
+        call: Call,
+        lane: LaneJaxpr,
+        recorder: LaneRecorder,
+        outputs: LaneOutputs,
+        decisions: Decisions,
+        program: Callable[..., Sequence[Any]],
+        size: int = 1,
+        origin: str = "",
+    ) -> Plan:
+        """The plan of a traced call: its states, how they leave, and the compiled ``program``."""
+        prototypes: IdentityDict[State, State] = IdentityDict()
+        for state, _, _ in outputs.made:
+            prototypes[state] = detached(state)
+        slots = tuple(
+            None if s is None else prototypes[s] if s in prototypes else weakref.ref(s) for s in outputs.out_slots
+        )
+        return Plan(
+            refs=tuple(self._plans.ref(s) for s in recorder.inputs),
+            arg_refs=tuple(self._plans.ref(s) for _, s in call.state_args),
+            ins=tuple(recorder.inputs.values()),
+            state_avals=tuple(map(shapes_of, recorder.before.values())),
+            outs=decisions.outs,
+            made=decisions.made,
+            advanced=decisions.advanced,
+            prototypes=tuple(prototypes.values()),
+            out_tree=outputs.out_tree,
+            out_slots=slots,
+            num_user_leaves=outputs.num_user_leaves,
+            program=program,
+            effects=lane.has_effects,
+            axis_size=size,
+            size_origin=origin,
+            refusal=decisions.refusal,
+            warnings=decisions.warnings,
+        )
+
+    def _fits(self, plan: Plan) -> bool:
+        states = plan.states()
+        return states is not None and plan.fits([read_through(current_watcher(), s) for s in states])
+
+    def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
+        states = plan.states()
+        if states is None or (plan.arg_refs and not call.passes(plan.arg_refs)):
+            raise StalePlan()
+        watcher = current_watcher()
+        values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]
+        if plan.refusal is not None or plan.warnings:
+            if not plan.fits(values):
+                raise StalePlan()
+            if plan.refusal is not None:
+                raise BatchAxisError(plan.refusal)
+        if watcher is None and states and under_staging_trace():
+            raise self._baked_error(states[0])
+        inputs = list(call.leaves)
+        for value, entry in zip(values, plan.ins):
+            if entry.is_leaf:
+                inputs.append(value)
+                continue
+            leaves, treedef = jax.tree.flatten(value)
+            if treedef != entry.treedef:
+                raise StalePlan()
+            inputs += leaves
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        outs = self._execute(plan, call, states, values, inputs)
+        if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
+            raise self._tracer_error(plan)
+        return commit(plan, outs, made, watcher)
+
+    def _execute(
+        self, plan: Plan, call: Call, states: Sequence[State], values: Sequence[Any], inputs: Sequence[Any]
+    ) -> Sequence[Any]:
+        try:
+            outs = plan.program(*inputs)
+            if plan.effects:
+                # A host callback may fail after dispatch: wait, so a failed call writes nothing.
+                jax.block_until_ready(outs)
+        except Exception as err:
+            if not plan.fits(values):
+                raise StalePlan() from None
+            if "incompatible devices" in str(err):
+                raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
+            raise
+        return outs
+
+    def _baked_error(self, state: State) -> StatemapError:
+        return StatemapError(
+            f"{self.api}: called inside a JAX transformation that statemap does not manage and "
+            f"that stages a program (jax.jit, a jax.lax loop or branch, jax.checkpoint, ...): "
+            f"the current value of {describe(state)} would be baked into that program as a "
+            f"constant, and later calls would not see its new values. Use statemap.jit (and "
+            f"statemap.scan, statemap.for_loop, statemap.cond, ...) instead."
+        )
+
+    def _tracer_error(self, plan: Plan) -> StatemapError:
+        names = [describe(s) for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None]
+        which = ", ".join(names) or "the states it creates"
+        return StatemapError(
+            f"{self.api}: called inside a JAX transformation that statemap does not manage "
+            f"(jax.vmap, jax.grad, jax.jvp, ...), so the states it writes ({which}) would be "
+            f"left holding that transformation's tracers. Call it outside, or use statemap's "
+            f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
+        )
+
+
+def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> str:
+    """Where the arguments and each input state live, for a devices error."""
+
+    def devices(tree: Any) -> list[int]:
+        return sorted({d.id for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()})
+
+    where = [f"{describe(s)} is on device(s) {devices(v)}" for s, v in zip(states, values)]
+    return (
+        f"the arguments are on device(s) {devices(call.leaves)}; " + "; ".join(where) + ". Move a "
+        "state next to the arguments with `state.value = jax.device_put(state.value, device)`."
+    )
+
+
+def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        argnums = (argnums,)
+    if not isinstance(argnums, (tuple, list)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in argnums
+    ):
+        raise TypeError(f"{api}: `{argname}` must be an int or a tuple of ints, got {argnums!r}.")
+    return tuple(argnums)
+
+
+def _argnames(api: str, argnames: Any) -> tuple[str, ...]:
+    if isinstance(argnames, str):
+        argnames = (argnames,)
+    if not isinstance(argnames, (tuple, list)) or not all(isinstance(n, str) for n in argnames):
+        raise TypeError(f"{api}: `static_argnames` must be a str or a tuple of str, got {argnames!r}.")
+    return tuple(argnames)
