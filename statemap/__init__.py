@@ -3,6 +3,12 @@
 from . import errors as errors
 from . import filters as filters
 from . import random as random
+from ._jit import JitTransform as JitTransform
+from ._jit import jit as jit
+from ._loops import for_loop as for_loop
+from ._loops import fori_loop as fori_loop
+from ._loops import scan as scan
+from ._loops import while_loop as while_loop
 from ._mapping import MapSpec as MapSpec
 from ._mapping import StatefulMapping as StatefulMapping
 from ._pmap import PMapMapping as PMapMapping
@@ -14,6 +20,7 @@ from ._state import ParamState as ParamState
 from ._state import ShortTermState as ShortTermState
 from ._state import State as State
 from ._trace import StateTrace as StateTrace
+from ._transform import StatefulTransform as StatefulTransform
 from ._vmap import VMapMapping as VMapMapping
 from ._vmap import vmap as vmap
 from .errors import BatchAxisError as BatchAxisError
@@ -25,6 +32,7 @@ pmap2 = pmap
 __all__ = [
     "BatchAxisError",
     "HiddenState",
+    "JitTransform",
     "LongTermState",
     "MapSpec",
     "PMapMapping",
@@ -34,13 +42,19 @@ __all__ = [
     "State",
     "StateTrace",
     "StatefulMapping",
+    "StatefulTransform",
     "StatemapError",
     "VMapMapping",
     "errors",
     "filters",
+    "for_loop",
+    "fori_loop",
+    "jit",
     "pmap",
     "pmap2",
     "random",
+    "scan",
     "vmap",
     "vmap2",
+    "while_loop",
 ]

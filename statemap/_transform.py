@@ -23,7 +23,7 @@ from ._state import State, current_watcher, describe, drop_watcher, pop_watcher,
 from ._writeback import commit, detached
 from .errors import BatchAxisError, StatemapError
 
-__all__ = ["MISSING", "StatefulTransform"]
+__all__ = ["MISSING", "StatefulTransform", "baked_error", "tracer_error"]
 
 
 class _Missing:
@@ -216,7 +216,7 @@ class StatefulTransform(abc.ABC):
             if plan.refusal is not None:
                 raise BatchAxisError(plan.refusal)
         if watcher is None and states and under_staging_trace():
-            raise self._baked_error(states[0])
+            raise baked_error(self.api, states[0])
         inputs = list(call.leaves)
         for value, entry in zip(values, plan.ins):
             if entry.is_leaf:
@@ -230,7 +230,7 @@ class StatefulTransform(abc.ABC):
             warnings.warn(message, UserWarning, stacklevel=3)
         outs = self._execute(plan, call, states, values, inputs)
         if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
-            raise self._tracer_error(plan)
+            raise tracer_error(self.api, [s for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None])
         return commit(plan, outs, made, watcher)
 
     def _execute(
@@ -249,24 +249,27 @@ class StatefulTransform(abc.ABC):
             raise
         return outs
 
-    def _baked_error(self, state: State) -> StatemapError:
-        return StatemapError(
-            f"{self.api}: called inside a JAX transformation that statemap does not manage and "
-            f"that stages a program (jax.jit, a jax.lax loop or branch, jax.checkpoint, ...): "
-            f"the current value of {describe(state)} would be baked into that program as a "
-            f"constant, and later calls would not see its new values. Use statemap.jit (and "
-            f"statemap.scan, statemap.for_loop, statemap.cond, ...) instead."
-        )
 
-    def _tracer_error(self, plan: Plan) -> StatemapError:
-        names = [describe(s) for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None]
-        which = ", ".join(names) or "the states it creates"
-        return StatemapError(
-            f"{self.api}: called inside a JAX transformation that statemap does not manage "
-            f"(jax.vmap, jax.grad, jax.jvp, ...), so the states it writes ({which}) would be "
-            f"left holding that transformation's tracers. Call it outside, or use statemap's "
-            f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
-        )
+def baked_error(api: str, state: State) -> StatemapError:
+    """The error for a transform that would bake ``state``'s value into a raw JAX program."""
+    return StatemapError(
+        f"{api}: called inside a JAX transformation that statemap does not manage and "
+        f"that stages a program (jax.jit, a jax.lax loop or branch, jax.checkpoint, ...): "
+        f"the current value of {describe(state)} would be baked into that program as a "
+        f"constant, and later calls would not see its new values. Use statemap.jit (and "
+        f"statemap.scan, statemap.for_loop, statemap.cond, ...) instead."
+    )
+
+
+def tracer_error(api: str, states: Sequence[State]) -> StatemapError:
+    """The error for writes that would leave a raw JAX transform's tracers in ``states``."""
+    which = ", ".join(describe(s) for s in states) or "the states it creates"
+    return StatemapError(
+        f"{api}: called inside a JAX transformation that statemap does not manage "
+        f"(jax.vmap, jax.grad, jax.jvp, ...), so the states it writes ({which}) would be "
+        f"left holding that transformation's tracers. Call it outside, or use statemap's "
+        f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
+    )
 
 
 def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> str:

@@ -6,7 +6,7 @@ exception a caller would naturally catch, so ``except ValueError`` keeps working
 
 from __future__ import annotations
 
-__all__ = ["BatchAxisError", "StatemapError"]
+__all__ = ["BatchAxisError", "StateTypeError", "StatemapError"]
 
 
 class StatemapError(Exception):
@@ -42,5 +42,21 @@ class BatchAxisError(StatemapError, ValueError):
       ...     raise errors.BatchAxisError("statemap.vmap: example")
       ... except ValueError as e:
       ...     print(isinstance(e, errors.StatemapError))
+      True
+    """
+
+
+class StateTypeError(StatemapError, TypeError):
+    """A state would change shape or dtype where JAX needs one fixed type.
+
+    Raised when a loop body leaves a state with another shape or dtype than it
+    entered with, or when the branches of ``statemap.cond``/``switch`` write a
+    state with different shapes or dtypes. The message names the state, both
+    types and the fix. It is also a ``TypeError``, as JAX's own carry-type
+    errors are.
+
+    Example:
+      >>> from statemap import errors
+      >>> issubclass(errors.StateTypeError, TypeError)
       True
     """
