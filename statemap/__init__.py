@@ -3,6 +3,8 @@
 from . import errors as errors
 from . import filters as filters
 from . import random as random
+from ._branch import cond as cond
+from ._branch import switch as switch
 from ._jit import JitTransform as JitTransform
 from ._jit import jit as jit
 from ._loops import for_loop as for_loop
@@ -45,6 +47,7 @@ __all__ = [
     "StatefulTransform",
     "StatemapError",
     "VMapMapping",
+    "cond",
     "errors",
     "filters",
     "for_loop",
@@ -54,6 +57,7 @@ __all__ = [
     "pmap2",
     "random",
     "scan",
+    "switch",
     "vmap",
     "vmap2",
     "while_loop",

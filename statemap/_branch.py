@@ -1,0 +1,141 @@
+"""Stateful branches: ``cond`` and ``switch``.
+
+Every branch is traced once. The branch taken writes its states; a state
+that another branch writes keeps its value, as with a Python ``if``. A
+``RandomState`` advances only when the branch taken draws from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from ._body import Body, check_same_types, strong, trace_body, write_back
+from ._identity import IdentityDict
+from ._state import State
+
+__all__ = ["cond", "switch"]
+
+
+def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
+    """``jax.lax.cond`` whose branches may read and write states and draw random numbers.
+
+    Gives the same output and final states as ``true_fn(*operands) if pred
+    else false_fn(*operands)``.
+
+    Args:
+      pred: a boolean scalar.
+      true_fn: the branch taken when ``pred`` is true.
+      false_fn: the branch taken otherwise.
+      *operands: the branches' arguments.
+
+    Returns:
+      The output of the branch taken.
+
+    Raises:
+      StateTypeError: if the branches leave a state with different shapes or dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> hits = statemap.State(jnp.int32(0), name='hits')
+      >>> def hit(x):
+      ...     hits.value = hits.value + 1
+      ...     return x * 2
+      >>> statemap.cond(jnp.array(True), hit, lambda x: x, jnp.float32(3))
+      Array(6., dtype=float32)
+      >>> statemap.cond(jnp.array(False), hit, lambda x: x, jnp.float32(3))
+      Array(3., dtype=float32)
+      >>> int(hits.value)
+      1
+    """
+    api = "statemap.cond"
+    # The order jax.lax.cond's booleans index: false first.
+    return _branch(api, lambda fns, ops, vals: jax.lax.cond(pred, *fns, ops, vals), [true_fn, false_fn], operands)
+
+
+def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -> Any:
+    """``jax.lax.switch`` whose branches may read and write states and draw random numbers.
+
+    Args:
+      index: an integer scalar; clamped to the branches, as in ``jax.lax.switch``.
+      branches: the functions to choose from.
+      *operands: the branches' arguments.
+
+    Returns:
+      The output of the branch chosen.
+
+    Raises:
+      StateTypeError: if the branches leave a state with different shapes or dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> last = statemap.State(jnp.float32(0), name='last')
+      >>> def keep(x):
+      ...     last.value = x
+      ...     return x
+      >>> statemap.switch(1, [lambda x: -x, keep, lambda x: x + 1], jnp.float32(5))
+      Array(5., dtype=float32)
+      >>> last.value
+      Array(5., dtype=float32)
+    """
+    api = "statemap.switch"
+    branches = list(branches)
+    if not branches or not all(callable(b) for b in branches):
+        raise TypeError(f"{api}: `branches` must be a non-empty sequence of callables, got {branches!r}.")
+    return _branch(api, lambda fns, ops, vals: jax.lax.switch(index, fns, ops, vals), branches, operands)
+
+
+def _branch(
+    api: str,
+    choose: Callable[[list[Callable[..., Any]], Any, list[Any]], Any],
+    fns: Sequence[Callable[..., Any]],
+    operands: tuple[Any, ...],
+) -> Any:
+    bodies = [trace_body(api, fn, operands, f"branch {i}") for i, fn in enumerate(fns)]
+    states, values = _union(bodies, lambda b: zip(b.states, b.values))
+    written = list(_union(bodies, lambda b: ((s, None) for s in b.written))[0])
+    _check_types(api, written, states, values, bodies)
+    position = {id(state): i for i, state in enumerate(states)}
+
+    def as_branch(body: Body) -> Callable[[Any, list[Any]], tuple[Any, list[Any]]]:
+        def run(ops: Any, vals: list[Any]) -> tuple[Any, list[Any]]:
+            out, new = body.run(jax.tree.leaves(ops), [vals[position[id(s)]] for s in body.states])
+            mine = {id(s): v for s, v in zip(body.written, new)}
+            kept = [mine.get(id(s), vals[position[id(s)]]) for s in written]
+            return out, [jax.tree.map(strong, v) for v in kept]
+
+        return run
+
+    strong_values = [jax.tree.map(strong, v) for v in values]
+    out, new = choose([as_branch(b) for b in bodies], operands, strong_values)
+    write_back(api, written, new)
+    return out
+
+
+def _union(bodies: Sequence[Body], pairs: Callable[[Body], Any]) -> tuple[list[State], list[Any]]:
+    """States in first-seen order across the branches, each with its first-seen value."""
+    seen: IdentityDict[State, Any] = IdentityDict()
+    for body in bodies:
+        for state, value in pairs(body):
+            if state not in seen:
+                seen[state] = value
+    return list(seen), list(seen.values())
+
+
+def _check_types(
+    api: str, written: list[State], states: list[State], values: list[Any], bodies: Sequence[Body]
+) -> None:
+    """Every branch must leave each written state with one shape and dtype (an untouched one keeps its own)."""
+    before = {id(s): [jax.typeof(x) for x in jax.tree.leaves(v)] for s, v in zip(states, values)}
+    for state in written:
+        for i, body in enumerate(bodies):
+            after = dict(zip(map(id, body.written), body.written_avals)).get(id(state), before[id(state)])
+            check_same_types(
+                api, state, before[id(state)], after,
+                f"Branch {i} must leave it with the shape and dtype it has before the branch, as every "
+                f"branch must (a branch that does not write it keeps it as it is).",
+            )
