@@ -5,6 +5,8 @@ from . import filters as filters
 from . import random as random
 from ._branch import cond as cond
 from ._branch import switch as switch
+from ._grad import grad as grad
+from ._grad import value_and_grad as value_and_grad
 from ._jit import JitTransform as JitTransform
 from ._jit import jit as jit
 from ._loops import for_loop as for_loop
@@ -52,12 +54,14 @@ __all__ = [
     "filters",
     "for_loop",
     "fori_loop",
+    "grad",
     "jit",
     "pmap",
     "pmap2",
     "random",
     "scan",
     "switch",
+    "value_and_grad",
     "vmap",
     "vmap2",
     "while_loop",
