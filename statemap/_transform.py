@@ -46,6 +46,14 @@ class StatefulTransform(abc.ABC):
     touched), caches the plan, runs it on the states' current values and
     writes the results back all-or-nothing. Subclasses say how states enter
     (``_entries``) and turn a traced function into a plan (``_build``).
+    ``StatefulMapping`` and ``JitTransform`` are its subclasses.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import statemap
+      >>> step = statemap.jit(lambda x: x + 1)
+      >>> isinstance(step, statemap.StatefulTransform), step(jnp.ones(2))
+      (True, Array([2., 2.], dtype=float32))
     """
 
     api: str = "statemap.StatefulTransform"
