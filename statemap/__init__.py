@@ -9,6 +9,8 @@ from ._grad import grad as grad
 from ._grad import value_and_grad as value_and_grad
 from ._jit import JitTransform as JitTransform
 from ._jit import jit as jit
+from ._laxmap import LaxMapMapping as LaxMapMapping
+from ._laxmap import map as map
 from ._loops import for_loop as for_loop
 from ._loops import fori_loop as fori_loop
 from ._loops import scan as scan
@@ -37,6 +39,7 @@ __all__ = [
     "BatchAxisError",
     "HiddenState",
     "JitTransform",
+    "LaxMapMapping",
     "LongTermState",
     "MapSpec",
     "PMapMapping",
@@ -56,6 +59,7 @@ __all__ = [
     "fori_loop",
     "grad",
     "jit",
+    "map",
     "pmap",
     "pmap2",
     "random",
