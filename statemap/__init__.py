@@ -20,6 +20,8 @@ from ._mapping import StatefulMapping as StatefulMapping
 from ._pmap import PMapMapping as PMapMapping
 from ._pmap import pmap as pmap
 from ._random import RandomState as RandomState
+from ._shard_map import ShardMapMapping as ShardMapMapping
+from ._shard_map import shard_map as shard_map
 from ._state import HiddenState as HiddenState
 from ._state import LongTermState as LongTermState
 from ._state import ParamState as ParamState
@@ -45,6 +47,7 @@ __all__ = [
     "PMapMapping",
     "ParamState",
     "RandomState",
+    "ShardMapMapping",
     "ShortTermState",
     "State",
     "StateTrace",
@@ -64,6 +67,7 @@ __all__ = [
     "pmap2",
     "random",
     "scan",
+    "shard_map",
     "switch",
     "value_and_grad",
     "vmap",
