@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from ._body import Body, trace_body, write_back
 from ._filters import to_predicate
-from ._state import State, label
+from ._state import State, describe, label
 from ._transform import MISSING
 
 __all__ = ["grad", "value_and_grad"]
@@ -44,26 +44,48 @@ class _Wrt:
         return cls(None, None, predicate)
 
     def select(self, api: str, body: Body) -> list[State]:
-        """The states to differentiate, in the order their gradients are reported."""
+        """The states to differentiate, each once, in the order their gradients are reported.
+
+        A filter keeps only floating-point states (a step counter or a key has
+        no gradient); a State named explicitly must be floating-point.
+        """
         if self.states is not None:
-            chosen = list(self.states)
+            chosen = list({id(s): s for s in self.states}.values())
+            outside = {id(s): v for s, v in zip(body.states, body.values)}
+            for state in chosen:
+                value = outside[id(state)] if id(state) in outside else state.value
+                if not _differentiable(value):
+                    raise TypeError(
+                        f"{api}: `grad_states` names {describe(state)}, whose value is not floating-point "
+                        f"({_dtypes(value)}), so it has no gradient. Leave it out of `grad_states`."
+                    )
             reads = any(any(s is t for t in body.states) for s in chosen)
         else:
             assert self.predicate is not None
-            chosen = [s for s in body.states if self.predicate(_path(s), s)]
+            pairs = zip(body.states, body.values)
+            chosen = [s for s, v in pairs if self.predicate(_path(s), s) and _differentiable(v)]
             reads = bool(chosen)
         if not reads:
             read = ", ".join(label(s) for s in body.states) or "no state at all"
             raise ValueError(
-                f"{api}: `grad_states` selects no state the function reads (it reads {read}). "
+                f"{api}: `grad_states` selects no floating-point state the function reads (it reads {read}). "
                 f"Select states the loss depends on, or differentiate arguments with `argnums`."
             )
         return chosen
 
     def structure(self, states: list[State], grads: list[Any]) -> Any:
         if self.states is not None:
-            return jax.tree.unflatten(self.treedef, grads)
+            by_state = {id(s): g for s, g in zip(states, grads)}
+            return jax.tree.unflatten(self.treedef, [by_state[id(s)] for s in self.states])
         return dict(zip(states, grads))
+
+
+def _differentiable(value: Any) -> bool:
+    return all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(value))
+
+
+def _dtypes(value: Any) -> str:
+    return ", ".join(sorted({str(jnp.result_type(x)) for x in jax.tree.leaves(value)}))
 
 
 def _is_state(x: Any) -> bool:
@@ -78,8 +100,25 @@ def _argnums(api: str, argnums: Any) -> tuple[int, ...] | int | None:
     if argnums is None or (isinstance(argnums, int) and not isinstance(argnums, bool)):
         return argnums
     if isinstance(argnums, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in argnums):
+        if len(set(argnums)) < len(argnums):
+            raise TypeError(f"{api}: `argnums` {argnums!r} names an argument more than once. Name each once.")
         return tuple(argnums)
     raise TypeError(f"{api}: `argnums` must be an int, a tuple of ints or None, got {argnums!r}.")
+
+
+def _positions(api: str, argnums: tuple[int, ...], args: tuple[Any, ...]) -> tuple[int, ...]:
+    """``argnums`` as non-negative positions in ``args``, checked against their number."""
+    n = len(args)
+    for i in argnums:
+        if not -n <= i < n:
+            raise TypeError(
+                f"{api}: `argnums` differentiates positional argument {i}, but the function was "
+                f"called with {n} positional argument(s). Pass it, or change `argnums`."
+            )
+    positions = tuple(i % n for i in argnums)
+    if len(set(positions)) < len(positions):
+        raise TypeError(f"{api}: `argnums` {argnums!r} names an argument more than once. Name each once.")
+    return positions
 
 
 @attrs.frozen
@@ -97,6 +136,7 @@ class _Gradient:
         self._check_loss(body)
         chosen = [] if self.wrt is None else self.wrt.select(self.api, body)
         nums = () if self.argnums is None else (self.argnums,) if isinstance(self.argnums, int) else self.argnums
+        nums = _positions(self.api, nums, args)
         outside = {id(s): v for s, v in zip(body.states, body.values)}
         start = [outside[id(s)] if id(s) in outside else jnp.zeros_like(s.value) for s in chosen]
 
