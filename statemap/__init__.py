@@ -34,6 +34,8 @@ from ._vmap import vmap as vmap
 from .errors import BatchAxisError as BatchAxisError
 from .errors import StatemapError as StatemapError
 
+__version__ = "0.2.0"
+
 vmap2 = vmap
 pmap2 = pmap
 

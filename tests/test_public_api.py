@@ -3,24 +3,39 @@ import statemap
 EXPECTED_ALL = [
     "BatchAxisError",
     "HiddenState",
+    "JitTransform",
+    "LaxMapMapping",
     "LongTermState",
     "MapSpec",
     "PMapMapping",
     "ParamState",
     "RandomState",
+    "ShardMapMapping",
     "ShortTermState",
     "State",
     "StateTrace",
     "StatefulMapping",
+    "StatefulTransform",
     "StatemapError",
     "VMapMapping",
+    "cond",
     "errors",
     "filters",
+    "for_loop",
+    "fori_loop",
+    "grad",
+    "jit",
+    "map",
     "pmap",
     "pmap2",
     "random",
+    "scan",
+    "shard_map",
+    "switch",
+    "value_and_grad",
     "vmap",
     "vmap2",
+    "while_loop",
 ]
 
 
@@ -63,3 +78,9 @@ def test_public_modules():
     assert statemap.filters.__name__ == "statemap.filters"
     assert statemap.random.__name__ == "statemap.random"
     assert statemap.errors.__name__ == "statemap.errors"
+
+
+def test_version_matches_the_package_metadata():
+    from importlib.metadata import version
+
+    assert statemap.__version__ == version("statemap")
