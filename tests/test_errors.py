@@ -5,13 +5,15 @@ from statemap import errors
 
 
 def test_all_is_pinned():
-    assert errors.__all__ == ["BatchAxisError", "StatemapError"]
+    assert errors.__all__ == ["BatchAxisError", "StateTypeError", "StatemapError"]
 
 
 def test_hierarchy():
     assert issubclass(errors.StatemapError, Exception)
     assert issubclass(errors.BatchAxisError, errors.StatemapError)
     assert issubclass(errors.BatchAxisError, ValueError)
+    assert issubclass(errors.StateTypeError, errors.StatemapError)
+    assert issubclass(errors.StateTypeError, TypeError)
 
 
 @pytest.mark.parametrize("caught", [errors.BatchAxisError, errors.StatemapError, ValueError])
