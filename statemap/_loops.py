@@ -8,6 +8,7 @@ it. A ``RandomState`` drawn from in the body advances on every iteration.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,13 +73,11 @@ def scan(
 def _scan(
     api: str, f: Callable[..., Any], init: Any, xs: Any, length: int | None, reverse: bool, unroll: int | bool
 ) -> tuple[Any, Any]:
-    body = _loop_body(api, f, (init, jax.tree.map(sliced, xs)))
+    body = _loop_body(api, functools.partial(_pair, api, f), (init, jax.tree.map(sliced, xs)))
 
     def step(carry: tuple[Any, list[Any]], x: Any) -> tuple[tuple[Any, list[Any]], Any]:
         user, carried = carry
         out, new = body.run(jax.tree.leaves((user, x)), _inputs(body, body.written, carried))
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"{api}: the body must return a pair `(carry, y)`, got {type(out).__name__}.")
         return (out[0], _strong(new)), out[1]
 
     (carry, carried), ys = jax.lax.scan(
@@ -218,6 +217,15 @@ def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], i
     val, carried = jax.lax.while_loop(test, step, (init_val, _initial(body)))
     write_back(api, body.written, carried)
     return val
+
+
+def _pair(api: str, f: Callable[..., Any], carry: Any, x: Any) -> tuple[Any, Any]:
+    """``f(carry, x)``, checked while it is traced to return ``(carry, y)``."""
+    out = f(carry, x)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = jax.typeof(out).str_short() if isinstance(out, jax.Array) else type(out).__name__
+        raise TypeError(f"{api}: the body must return a pair `(carry, y)`, got {got}.")
+    return out
 
 
 def _loop_body(api: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Body:
