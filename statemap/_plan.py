@@ -16,9 +16,17 @@ from ._state import State
 __all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
 
 
-def shapes_of(value: Any) -> tuple[tuple[tuple[int, ...], Any], ...]:
-    """(shape, dtype) of every leaf of ``value``."""
-    return tuple((tuple(jax.typeof(x).shape), jax.typeof(x).dtype) for x in jax.tree.leaves(value))
+def shapes_of(value: Any) -> tuple[tuple[tuple[int, ...], Any, bool], ...]:
+    """(shape, dtype, weak type) of every leaf of ``value``: what a trace depends on.
+
+    A weakly typed value (a Python scalar) promotes differently from a strong
+    one of the same dtype, so JAX traces them apart and so must a plan.
+    """
+    return tuple(_leaf_type(jax.typeof(x)) for x in jax.tree.leaves(value))
+
+
+def _leaf_type(aval: Any) -> tuple[tuple[int, ...], Any, bool]:
+    return tuple(aval.shape), aval.dtype, aval.weak_type
 
 
 class StalePlan(Exception):

@@ -59,7 +59,7 @@ def make_lane_fn(
         if entry.entry is Entry.LANE_KEY:
             key_positions.append(pos)
         pos += len(entry.leaf_axes)
-    expected = [(aval.shape, aval.dtype) for aval in lane.in_avals]
+    expected = [(aval.shape, aval.dtype, aval.weak_type) for aval in lane.in_avals]
 
     def lane_fn(lane_index: Any, *inputs: Any) -> list[Any]:
         if not _fits(inputs, expected):
@@ -75,11 +75,12 @@ def make_lane_fn(
     return lane_fn
 
 
-def _fits(inputs: Sequence[Any], expected: Sequence[tuple[Any, Any]]) -> bool:
-    """Whether a retrace's lane inputs are those the plan was traced for."""
+def _fits(inputs: Sequence[Any], expected: Sequence[tuple[Any, Any, bool]]) -> bool:
+    """Whether a retrace's lane inputs have the shapes, dtypes and weak types the plan was traced for."""
     if len(inputs) != len(expected) or not all(isinstance(x, jax.Array) for x in inputs):
         return False
-    return all((np.shape(x), jax.typeof(x).dtype) == want for x, want in zip(inputs, expected))
+    avals = map(jax.typeof, inputs)
+    return all((a.shape, a.dtype, a.weak_type) == want for a, want in zip(avals, expected))
 
 
 def _stack_axes(api: str, state: State, axis: int, avals: Sequence[Any]) -> list[int]:

@@ -51,7 +51,7 @@ class Counted:
 
 def rnn_states():
     h = statemap.HiddenState(jnp.zeros((B, 3)), name="h")
-    w = statemap.ParamState(jnp.full((3,), 0.5), name="w")
+    w = statemap.ParamState(jnp.full((3,), 0.5, jnp.float32), name="w")  # strong, as the write keeps it
     count = statemap.ShortTermState(jnp.int32(0), name="count")
     rng = statemap.RandomState(0, name="rng")
     typed = statemap.RandomState(jax.random.key(1), name="typed")
