@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import inspect
+import operator
+from collections.abc import Callable, Hashable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +17,23 @@ from ._state import State, describe
 from .errors import BatchAxisError
 
 if TYPE_CHECKING:
-    from ._mapping import StatefulMapping
+    from ._transform import StatefulTransform
 
-__all__ = ["Call"]
+__all__ = ["Call", "StaticKey", "infer_static"]
+
+
+# JAX settings read while a function is traced: a plan made under one value
+# is wrong under another, so (as in ``jax.jit``'s cache) they are part of the key.
+TRACE_SETTINGS = (
+    "jax_enable_x64",
+    "jax_numpy_rank_promotion",
+    "jax_numpy_dtype_promotion",
+    "jax_default_matmul_precision",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+    "jax_softmax_custom_jvp",
+)
+_trace_settings = operator.attrgetter(*TRACE_SETTINGS)
 
 
 def _arg_name(path: Sequence[Any], positions: Sequence[int]) -> str:
@@ -33,10 +49,13 @@ class Call:
 
     state_args: tuple[tuple[int, State], ...] = ()
 
-    def __init__(self, mapping: StatefulMapping, args: tuple, kwargs: dict[str, Any]):
+    def __init__(self, mapping: StatefulTransform, args: tuple, kwargs: dict[str, Any]):
         self.mapping = mapping
         self.num_args = len(args)
         self.statics = _statics(mapping, args) if mapping.static_argnums else ()
+        self.static_kwargs = _static_kwargs(mapping, kwargs) if kwargs and mapping.static_argnames else ()
+        if self.static_kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k not in mapping.static_argnames}
         self.dynamic = tuple(args[i] for i in self.positions) if self.statics else args
         self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
@@ -45,7 +64,8 @@ class Call:
         except TypeError:
             avals = self._without_states()
         identities = tuple((position, id(state)) for position, state in self.state_args)
-        self.key: Hashable = (self.treedef, self.statics, avals, identities)
+        statics = _static_key(self.statics + self.static_kwargs) if self.statics or self.static_kwargs else ()
+        self.key: Hashable = (self.treedef, statics, avals, identities, _trace_settings(jax.config))
 
     @cached_property
     def positions(self) -> list[int]:
@@ -79,6 +99,8 @@ class Call:
             args[i] = value
         for i, value in self.statics:
             args[i] = value
+        if self.static_kwargs:
+            kwargs = {**kwargs, **dict(self.static_kwargs)}
         return args, kwargs
 
     @cached_property
@@ -183,23 +205,131 @@ class Call:
         return TypeError(f"{self.mapping.api}: an argument is not an array.")
 
 
-def _statics(mapping: StatefulMapping, args: tuple) -> tuple[tuple[int, Any], ...]:
-    statics = []
+class StaticKey:
+    """A static value as a plan key: equal only to an equal value of the same type.
+
+    ``2``, ``2.0`` and ``True`` are equal in Python but trace differently (an
+    int, a float, a bool), so they must not share a plan; ``jax.jit`` keys its
+    static arguments the same way.
+
+    Example:
+      >>> StaticKey(2) == StaticKey(2.0), StaticKey(2) == StaticKey(2)
+      (False, True)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Hashable):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StaticKey) or type(self.value) is not type(other.value):
+            return False
+        return bool(self.value == other.value)
+
+    def __repr__(self) -> str:
+        return f"StaticKey({self.value!r})"
+
+
+def _static_key(statics: tuple[tuple[int | str, Any], ...]) -> tuple[tuple[int | str, StaticKey], ...]:
+    return tuple((where, StaticKey(value)) for where, value in statics)
+
+
+def _statics(mapping: StatefulTransform, args: tuple) -> tuple[tuple[int, Any], ...]:
+    """The static positional arguments, as (position, value), by position."""
+    statics: dict[int, Any] = {}
     for i in mapping.static_argnums:
         if not -len(args) <= i < len(args):
+            if _static_by_name(mapping, i):
+                continue  # passed by keyword, or left to its default
             raise ValueError(
-                f"{mapping.api}: `static_broadcasted_argnums` names argument {i}, but the "
+                f"{mapping.api}: `{mapping.static_argnums_name}` names argument {i}, but the "
                 f"function was called with {len(args)} positional arguments."
             )
         position = i % len(args)
-        try:
-            hash(args[position])
-        except TypeError:
-            raise TypeError(
-                f"{mapping.api}: static argument args[{position}] is a "
-                f"{type(args[position]).__name__}, which is not hashable; static arguments "
-                f"are compile-time constants and must be hashable (use a tuple, not a list)."
-            ) from None
-        statics.append((position, args[position]))
-    return tuple(sorted(statics, key=lambda s: s[0]))
+        _check_hashable(mapping, f"args[{position}]", args[position])
+        statics[position] = args[position]
+    return tuple(sorted(statics.items()))
 
+
+def _static_kwargs(mapping: StatefulTransform, kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The static keyword arguments, as (name, value), by name."""
+    statics = []
+    for name in sorted(kwargs):
+        if name in mapping.static_argnames:
+            _check_hashable(mapping, f"kwargs[{name!r}]", kwargs[name])
+            statics.append((name, kwargs[name]))
+    return tuple(statics)
+
+
+def _check_hashable(mapping: StatefulTransform, where: str, value: Any) -> None:
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{mapping.api}: static argument {where} is a {type(value).__name__}, which is "
+            f"not hashable; static arguments are compile-time constants and must be hashable "
+            f"(use a tuple, not a list)."
+        ) from None
+
+
+def _static_by_name(mapping: StatefulTransform, position: int) -> bool:
+    """Whether the parameter at ``position`` of the function is also static by name."""
+    if not mapping.static_argnames:
+        return False
+    try:
+        parameters = list(inspect.signature(mapping.fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in _POSITIONAL]
+    return -len(positional) <= position < len(positional) and positional[position].name in mapping.static_argnames
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def infer_static(
+    api: str, fn: Callable[..., Any], static_argnums: Any, static_argnames: Any
+) -> tuple[Any, Any]:
+    """Complete static argument numbers and names from each other, as ``jax.jit`` does.
+
+    A parameter that can be passed either way is static both ways, whichever
+    form named it. Numbers and names that ``fn``'s signature cannot take raise
+    at once; values of the wrong type are returned as they are, for the
+    mapping's own checks to report.
+
+    Raises:
+      ValueError: a static argument number or name that ``fn`` does not take.
+    """
+    nums = (static_argnums,) if isinstance(static_argnums, int) else static_argnums
+    names = (static_argnames,) if isinstance(static_argnames, str) else static_argnames
+    well_typed = isinstance(nums, (tuple, list)) and all(type(i) is int for i in nums)
+    if not (well_typed and isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names)):
+        return static_argnums, static_argnames
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return tuple(nums), tuple(names)
+    kinds = {p.kind for p in parameters}
+    positional = [p.name for p in parameters if p.kind in _POSITIONAL]
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    by_name = [p.name for p in parameters if p.kind in keyword]
+    for i in nums:
+        if inspect.Parameter.VAR_POSITIONAL not in kinds and not -len(positional) <= i < len(positional):
+            raise ValueError(
+                f"{api}: `static_argnums` names argument {i}, but `fn` takes {len(positional)} "
+                f"positional arguments ({', '.join(positional) or 'none'}). Give the position of one of them."
+            )
+    for name in names:
+        if inspect.Parameter.VAR_KEYWORD not in kinds and name not in by_name:
+            raise ValueError(
+                f"{api}: `static_argnames` names {name!r}, which `fn` does not take as a keyword "
+                f"(it takes {', '.join(by_name) or 'none'}). Give the name of one of its parameters."
+            )
+    more_nums = [positional.index(n) for n in names if n in positional]
+    more_names = [positional[i] for i in nums if -len(positional) <= i < len(positional)]
+    more_names = [n for n in more_names if n in by_name]
+    return tuple(dict.fromkeys([*nums, *more_nums])), tuple(dict.fromkeys([*names, *more_names]))

@@ -7,6 +7,7 @@ from typing import Any, TypeVar, overload
 
 import jax
 
+from ._call import infer_static
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._policy import PolicyName
 
@@ -33,16 +34,19 @@ class VMapMapping(StatefulMapping):
     def __init__(
         self,
         fn: Callable[..., Any],
-        *,
         in_axes: Any = 0,
         out_axes: Any = 0,
+        *,
         axis_name: Hashable | None = None,
         axis_size: int | None = None,
         spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+        static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (),
         state_in_axes: Any = None,
         state_out_axes: Any = None,
         unexpected_out_state_mapping: PolicyName | str = "raise",
     ):
+        static_argnums, static_argnames = infer_static(self.api, fn, static_argnums, static_argnames)
         super().__init__(
             fn,
             in_axes=in_axes,
@@ -52,6 +56,8 @@ class VMapMapping(StatefulMapping):
             state_in_axes=state_in_axes,
             state_out_axes=state_out_axes,
             unexpected_out_state_mapping=unexpected_out_state_mapping,
+            static_argnums=static_argnums,
+            static_argnames=static_argnames,
         )
         self.spmd_axis_name = spmd_axis_name
 
@@ -82,12 +88,14 @@ class VMapMapping(StatefulMapping):
 @overload
 def vmap(
     fn: F,
-    *,
     in_axes: Any = 0,
     out_axes: Any = 0,
+    *,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
     spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: PolicyName | str = "raise",
@@ -97,12 +105,14 @@ def vmap(
 @overload
 def vmap(
     fn: Any = MISSING,
-    *,
     in_axes: Any = 0,
     out_axes: Any = 0,
+    *,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
     spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: PolicyName | str = "raise",
@@ -111,12 +121,14 @@ def vmap(
 
 def vmap(
     fn: Any = MISSING,
-    *,
     in_axes: Any = 0,
     out_axes: Any = 0,
+    *,
     axis_name: Hashable | None = None,
     axis_size: int | None = None,
     spmd_axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
     state_in_axes: Any = None,
     state_out_axes: Any = None,
     unexpected_out_state_mapping: PolicyName | str = "raise",
@@ -136,6 +148,12 @@ def vmap(
       axis_name: the name collectives such as ``jax.lax.psum`` use.
       axis_size: the number of lanes when no argument or state is mapped.
       spmd_axis_name: as in ``jax.vmap``.
+      static_argnums: positions of arguments that are compile-time constants:
+        hashable Python values (a ``training`` flag, a shape) passed unchanged
+        to every lane. Each new value (compared with its type: ``1``, ``1.0``
+        and ``True`` differ) traces the function anew, as in ``jax.jit``.
+      static_argnames: the same, by keyword name. A parameter that can be
+        passed either way is static both ways, whichever form named it.
       state_in_axes: ``{axis: filter}`` (or a bare filter for axis 0): states to
         split on entry; ``None`` as the axis marks states broadcast.
       state_out_axes: ``{axis: filter}``: written states to stack on that axis.
@@ -146,7 +164,9 @@ def vmap(
       A ``VMapMapping`` (or a decorator making one).
 
     Raises:
-      ValueError, TypeError: for a bad argument, at once.
+      ValueError, TypeError: for a bad argument, at once (a static argument
+        number or name the function does not take included); an unhashable
+        static argument is a ``TypeError`` when the call receives it.
 
     Example:
       >>> import jax.numpy as jnp
@@ -160,6 +180,15 @@ def vmap(
       Array([2., 2., 2.], dtype=float32)
       >>> h.value.shape
       (3, 2)
+
+      A static argument is a Python value every lane sees as it is:
+
+      >>> scale = statemap.ParamState(jnp.float32(2.0), name='scale')
+      >>> @statemap.vmap(static_argnames='training')
+      ... def layer(x, training=False):
+      ...     return x * scale.value if training else x
+      >>> layer(jnp.arange(3.0), training=True)
+      Array([0., 2., 4.], dtype=float32)
     """
     keywords = dict(
         in_axes=in_axes,
@@ -167,6 +196,8 @@ def vmap(
         axis_name=axis_name,
         axis_size=axis_size,
         spmd_axis_name=spmd_axis_name,
+        static_argnums=static_argnums,
+        static_argnames=static_argnames,
         state_in_axes=state_in_axes,
         state_out_axes=state_out_axes,
         unexpected_out_state_mapping=unexpected_out_state_mapping,
@@ -177,5 +208,5 @@ def vmap(
     return VMapMapping(fn, **keywords)
 
 
-def _validate_only(*args: Any) -> None:
+def _validate_only(*args: Any, **kwargs: Any) -> None:
     """Stands in for the function when ``vmap(...)`` checks its arguments before decorating."""

@@ -72,3 +72,207 @@ def test_weak_argument_then_strong_argument():
     assert_same_array(
         f(jnp.int32(3)), jax.vmap(lambda x: jnp.ones(2, jnp.int8) + x, in_axes=None, axis_size=2)(jnp.int32(3))
     )
+
+
+# Static arguments: keyed by value and type.
+
+
+@pytest.mark.parametrize("order", [(2, 2.0, True), (True, 2.0, 2), (2.0, 2, True)])
+def test_pmap_static_values_of_equal_value_and_different_type(order):
+    n = 2
+    x = jnp.arange(n, dtype=jnp.int32)
+    mapping = statemap.pmap(lambda x, k: x * k, static_broadcasted_argnums=1, devices=jax.devices()[:n])
+    oracle = jax.pmap(lambda x, k: x * k, static_broadcasted_argnums=1, devices=jax.devices()[:n])
+    for k in order + order:
+        assert_same_array(mapping(x, k), oracle(x, k))
+
+
+def test_pmap_static_flag_compared_by_identity_runs_the_right_branch():
+    n = 2
+    scale = statemap.State(jnp.float32(3.0))
+
+    def step(x, flag):
+        return x * scale.value if flag is True else x + scale.value
+
+    mapping = statemap.pmap(step, static_broadcasted_argnums=1, devices=jax.devices()[:n])
+    x = jnp.arange(n, dtype=jnp.float32)
+    for flag in (True, 1, True, 1):
+        expected = x * 3.0 if flag is True else x + 3.0
+        assert_same_array(mapping(x, flag), expected)
+
+
+# Trace-time JAX settings.
+
+
+def counted(fn):
+    """Wrap ``fn`` so that ``wrapper.runs`` counts its Python runs."""
+
+    def wrapper(*args, **kwargs):
+        wrapper.runs += 1
+        return fn(*args, **kwargs)
+
+    wrapper.runs = 0
+    return wrapper
+
+
+def test_enable_x64_is_part_of_the_plan():
+    half = statemap.State(jnp.int32(2))
+    f = statemap.vmap(lambda x: x * half.value + 0.5)
+    x = jnp.arange(3, dtype=jnp.int32)
+    oracle = jax.vmap(lambda x, h: x * h + 0.5, in_axes=(0, None))
+    assert_same_array(f(x), oracle(x, half.value))
+    with jax.enable_x64(True):
+        out = f(x)
+        assert out.dtype == jnp.float64
+        assert_same_array(out, oracle(x, half.value))
+    assert_same_array(f(x), oracle(x, half.value))
+
+
+def test_numpy_rank_promotion_is_part_of_the_plan():
+    bias = statemap.State(jnp.ones((1, 3)))
+    f = statemap.vmap(lambda x: x + bias.value)
+    x = jnp.ones((2, 3))
+    assert_same_array(f(x), jax.vmap(lambda x: x + jnp.ones((1, 3)))(x))
+    with jax.numpy_rank_promotion("raise"):
+        with pytest.raises(ValueError, match="jax_numpy_rank_promotion"):
+            jax.vmap(lambda x: x + jnp.ones((1, 3)))(x)
+        with pytest.raises(ValueError, match="jax_numpy_rank_promotion"):
+            f(x)
+    assert_same_array(f(x), jax.vmap(lambda x: x + jnp.ones((1, 3)))(x))
+
+
+def test_numpy_dtype_promotion_is_part_of_the_plan():
+    offset = statemap.State(jnp.int32(1))
+    f = statemap.vmap(lambda x: x + offset.value)
+    x = jnp.ones(2, jnp.int8)
+    assert_same_array(f(x), x + jnp.int32(1))
+    with jax.numpy_dtype_promotion("strict"):
+        with pytest.raises(jax.dtypes.TypePromotionError, match="strict"):
+            jax.vmap(lambda x: x + jnp.int32(1))(x)
+        with pytest.raises(jax.dtypes.TypePromotionError, match="strict"):
+            f(x)
+    assert_same_array(f(x), x + jnp.int32(1))
+
+
+def test_default_matmul_precision_is_part_of_the_plan():
+    w = statemap.State(jnp.eye(2))
+    fn = counted(lambda x: x @ w.value)
+    f = statemap.vmap(fn)
+    x = jnp.ones((3, 2))
+    f(x)
+    f(x)
+    assert fn.runs == 1
+    with jax.default_matmul_precision("highest"):
+        assert_same_array(f(x), x)
+        assert fn.runs == 2  # traced anew, as jax.jit would
+    f(x)
+    assert fn.runs == 2
+
+
+def test_default_prng_impl_is_part_of_the_plan():
+    f = statemap.vmap(lambda x: x + jax.random.key_data(jax.random.key(1)).size, axis_size=2, in_axes=None)
+    oracle = jax.vmap(lambda x: x + jax.random.key_data(jax.random.key(1)).size, axis_size=2, in_axes=None)
+    x = jnp.uint32(1)
+    assert_same_array(f(x), oracle(x))
+    before = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        assert_same_array(f(x), oracle(x))
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+    assert_same_array(f(x), oracle(x))
+
+
+# vmap's static arguments and positional in_axes/out_axes.
+
+
+def test_vmap_takes_in_axes_and_out_axes_positionally():
+    w = statemap.State(jnp.float32(2.0))
+    f = statemap.vmap(lambda x, y: x * y * w.value, (1, None), 1)
+    x, y = jnp.arange(6.0).reshape(2, 3), jnp.float32(3.0)
+    assert_same_array(f(x, y), jax.vmap(lambda x, y: x * y * 2.0, (1, None), 1)(x, y))
+    g = statemap.VMapMapping(lambda x: x * w.value, 1, 0)
+    assert_same_array(g(x), jax.vmap(lambda x: x * 2.0, 1, 0)(x))
+
+
+def test_vmap_static_argnums_values_and_types_are_plans():
+    s = statemap.State(jnp.arange(3, dtype=jnp.int32))
+    seen = []
+
+    def power(x, k):
+        seen.append(type(k))
+        return x**k + s.value
+
+    f = statemap.vmap(power, static_argnums=1)
+    x = jnp.arange(1, 4, dtype=jnp.int32)
+    for k in (2, 2.0, True, 3, 2, 2.0, True):
+        expected = jax.vmap(lambda x: x**k + jnp.arange(3, dtype=jnp.int32))(x)
+        assert_same_array(f(x, k), expected)
+    assert seen == [int, float, bool, int]  # a new plan per (value, type), warm calls reuse them
+
+
+def test_vmap_static_argnames_by_keyword_and_by_position():
+    scale = statemap.ParamState(jnp.float32(2.0), name="scale")
+    runs = []
+
+    def layer(x, training=False):
+        runs.append(training)
+        return x * scale.value if training else x - scale.value
+
+    f = statemap.vmap(layer, static_argnames="training")
+    x = jnp.arange(3.0)
+    assert_same_array(f(x, training=True), x * 2.0)
+    assert_same_array(f(x, True), x * 2.0)  # the same parameter, passed by position: still static
+    assert_same_array(f(x, training=False), x - 2.0)
+    assert_same_array(f(x), x - 2.0)  # its default
+    assert runs == [True, True, False, False]  # as jax.jit: by keyword, by position, default are apart
+    for training in (True, False):
+        assert_same_array(f(x, training=training), x * 2.0 if training else x - 2.0)
+    assert len(runs) == 4
+
+
+def test_vmap_static_argnums_also_static_by_keyword():
+    f = statemap.vmap(lambda x, k: x * k, static_argnums=1)
+    x = jnp.arange(3, dtype=jnp.int32)
+    assert_same_array(f(x, k=2.0), x * 2.0)
+    assert_same_array(f(x, k=2), x * 2)
+    g = statemap.vmap(lambda x, k=3: x * k, static_argnums=1)
+    assert_same_array(g(x), x * 3)  # left to its default: not an argument out of range
+
+
+def test_vmap_static_keyword_values_of_equal_value_and_different_type():
+    f = statemap.vmap(lambda x, *, k: x * k, static_argnames="k")
+    x = jnp.arange(3, dtype=jnp.int32)
+    for k in (2, 2.0, True, 2):
+        assert_same_array(f(x, k=k), jax.vmap(lambda x: x * k)(x))
+
+
+def test_vmap_static_arguments_that_fn_does_not_take():
+    with pytest.raises(ValueError, match=r"statemap\.vmap: `static_argnums` names argument 2, but `fn` takes 2 positional arguments \(x, k\)"):
+        statemap.vmap(lambda x, k: x, static_argnums=2)
+    with pytest.raises(ValueError, match=r"statemap\.vmap: `static_argnames` names 'kk', which `fn` does not take as a keyword \(it takes x, k\)"):
+        statemap.vmap(lambda x, k: x, static_argnames="kk")
+    with pytest.raises(ValueError, match=r"`static_argnames` names 'x'"):
+        statemap.vmap(static_argnames="x")(lambda x, /: x)
+    statemap.vmap(lambda *a, **kw: a[0], static_argnums=5, static_argnames="anything")  # takes them all
+
+
+def test_vmap_static_argument_out_of_range_at_call():
+    f = statemap.vmap(lambda *xs: xs[0], static_argnums=2)
+    with pytest.raises(ValueError, match=r"statemap\.vmap: `static_argnums` names argument 2, but the function was called with 1 positional"):
+        f(jnp.ones(3))
+
+
+def test_vmap_unhashable_static_arguments_name_the_argument():
+    f = statemap.vmap(lambda x, shape, *, pad=(): x, static_argnums=1, static_argnames="pad")
+    with pytest.raises(TypeError, match=r"statemap\.vmap: static argument args\[1\] is a list, which is not hashable"):
+        f(jnp.ones(3), [1])
+    with pytest.raises(TypeError, match=r"statemap\.vmap: static argument kwargs\['pad'\] is a dict, which is not hashable"):
+        f(jnp.ones(3), (1,), pad={})
+
+
+def test_vmap_static_argument_types_are_checked_at_construction():
+    with pytest.raises(TypeError, match=r"statemap\.vmap: `static_argnames` must be a str or a tuple of str"):
+        statemap.vmap(lambda x: x, static_argnames=1)
+    with pytest.raises(TypeError, match=r"statemap\.vmap: `static_argnums` must be an int or a tuple of ints"):
+        statemap.vmap(lambda x: x, static_argnums="k")
