@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import attrs
 import jax
 
@@ -36,9 +38,18 @@ def _leaves(out: StateOut | None, policy_note: str) -> str:
     return out.exit.value
 
 
+def _object(state: State) -> str:
+    return hex(id(state))
+
+
 @attrs.frozen
 class Explanation:
     """The plan for one call signature; ``str()`` gives a readable table.
+
+    The table has one row per state the plan holds, with the object's
+    address (``hex(id(state))``) last: warm calls read and write those very
+    objects, so a state replaced by a new object after the plan was made
+    (``model['w'] = ParamState(...)``) shows up as a different address.
 
     Attributes:
       api: the mapping's name, e.g. ``statemap.vmap``.
@@ -52,26 +63,47 @@ class Explanation:
     plan: Plan
     extra: list[str]
 
-    def rows(self) -> list[tuple[str, str, str]]:
-        """(state, how it enters, how it leaves) for every state the call touches."""
+    @property
+    def states(self) -> tuple[State, ...]:
+        """The State objects the plan reads, writes or returns, in the table's order.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import statemap
+          >>> w = statemap.ParamState(jnp.ones(2), name='w')
+          >>> f = statemap.vmap(lambda x: x * w.value)
+          >>> f.explain(jnp.ones((3, 2))).states[0] is w
+          True
+        """
+        held = [ref() for ref in self.plan.refs]
+        held += [slot() for slot in self.plan.out_slots if isinstance(slot, weakref.ref)]
+        unique = {id(s): s for s in held if s is not None}
+        return tuple(unique.values())
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(state, how it enters, how it leaves, object) for every state the plan holds."""
         plan = self.plan
         outs = {id(o.ref()): o for o in plan.outs + plan.advanced}
+        entries = {id(ref()): entry for ref, entry in zip(plan.refs, plan.ins)}
         rows = []
-        for ref, entry in zip(plan.refs, plan.ins):
-            state = ref()
-            if state is not None:
-                rows.append((_label(state), _enters(entry), _leaves(outs.get(id(state)), "see the call's error")))
+        for state in self.states:
+            entry = entries.get(id(state))
+            if entry is None:
+                rows.append((_label(state), "not read", "returned", _object(state)))
+            else:
+                leaves = _leaves(outs.get(id(state)), "see the call's error")
+                rows.append((_label(state), _enters(entry), leaves, _object(state)))
         for proto, out in zip(plan.prototypes, plan.made):
-            rows.append((f"{_label(proto)} (new)", "created inside", _leaves(out, "")))
+            rows.append((f"{_label(proto)} (new)", "created inside", _leaves(out, ""), "new each call"))
         return rows
 
     def __str__(self) -> str:
         plan = self.plan
         head = f"{self.api} plan for {self.function}: {plan.axis_size} lanes (axis size from {plan.size_origin})"
-        rows = [("state", "enters", "leaves"), *self.rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        rows = [("state", "enters", "leaves", "object"), *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head, *self.extra]
-        lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+        lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
         if plan.refusal is not None:
             lines.append(plan.refusal)
         for message in plan.warnings:

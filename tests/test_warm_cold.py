@@ -276,3 +276,38 @@ def test_vmap_static_argument_types_are_checked_at_construction():
         statemap.vmap(lambda x: x, static_argnames=1)
     with pytest.raises(TypeError, match=r"statemap\.vmap: `static_argnums` must be an int or a tuple of ints"):
         statemap.vmap(lambda x: x, static_argnums="k")
+
+
+# Which State objects a plan holds.
+
+
+def test_explain_shows_the_state_objects_a_plan_holds():
+    params = {"w": statemap.ParamState(jnp.ones(2), name="w")}
+    keep = statemap.State(jnp.zeros(()), name="keep")
+    apply = statemap.vmap(lambda x: (x * params["w"].value, keep))
+    x = jnp.ones((3, 2))
+    apply(x)
+    old = params["w"]
+    params["w"] = statemap.ParamState(jnp.full(2, 5.0), name="w")  # replaced; the old object is still alive
+    explanation = apply.explain(x)
+    assert explanation.states == (old, keep)
+    text = str(explanation)
+    assert text.splitlines()[1].split() == ["state", "enters", "leaves", "object"]
+    assert hex(id(old)) in text and hex(id(params["w"])) not in text
+    assert hex(id(keep)) in text and "not read" in text
+    # The documented remedy: restore values in place, and the plan sees them.
+    params["w"] = old
+    old.value = jnp.full(2, 5.0)
+    out, returned = apply(x)
+    assert_tree_allclose(out, x * 5.0)
+    assert returned is keep
+
+
+def test_state_passed_as_an_argument_may_be_replaced():
+    step = statemap.vmap(lambda x, w: x * w.value, in_axes=(0, None))
+    x = jnp.ones((3, 2))
+    first = statemap.ParamState(jnp.ones(2), name="w")
+    assert_tree_allclose(step(x, first), x)
+    second = statemap.ParamState(jnp.full(2, 4.0), name="w")
+    assert_tree_allclose(step(x, second), x * 4.0)
+    assert step.explain(x, second).states == (second,)
