@@ -84,6 +84,7 @@ class Plan:
     refusal: str | None
     warnings: tuple[str, ...]
     returns_states: bool = attrs.field(init=False)
+    returned: tuple[weakref.ref, ...] = attrs.field(init=False)
 
     writes: bool = attrs.field(init=False)
 
@@ -91,14 +92,26 @@ class Plan:
     def _returns_states(self) -> bool:
         return any(slot is not None for slot in self.out_slots)
 
+    @returned.default
+    def _returned(self) -> tuple[weakref.ref, ...]:
+        return tuple(slot for slot in self.out_slots if isinstance(slot, weakref.ref))
+
     @writes.default
     def _writes(self) -> bool:
         return bool(self.outs or self.made or self.advanced)
 
     def states(self) -> list[State] | None:
-        """The live input states, or None if one was garbage-collected."""
+        """The live input states, or None if the plan is stale.
+
+        A plan is stale once any state it holds was garbage-collected: an input
+        state, or a State the function returned without touching (a warm call
+        must return that very object, and can no longer).
+        """
         states = [ref() for ref in self.refs]
-        return None if None in states else states  # type: ignore[return-value]
+        # ``is``, not ``in``: a State subclass may define ``__eq__``.
+        if any(s is None for s in states) or any(ref() is None for ref in self.returned):
+            return None
+        return states  # type: ignore[return-value]
 
     def fits(self, values: Sequence[Any]) -> bool:
         """Whether ``values`` (one per input state) have the structure and shapes planned for."""

@@ -32,6 +32,11 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
         pos += out.num_leaves
     if plan.made and made is None:
         made = [copy.copy(p) for p in plan.prototypes]
+        if watcher is not None:
+            # Copies skip ``State.__init__``, which tells the enclosing trace
+            # (an outer mapping's lane) about new states: tell it here.
+            for state in made:
+                watcher.created(state)
     created: list[Any] = []
     for out in plan.made:
         created.append(out.value(outs, pos))

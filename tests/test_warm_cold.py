@@ -183,6 +183,48 @@ def test_default_prng_impl_is_part_of_the_plan():
     assert_same_array(f(x), oracle(x))
 
 
+# States returned by the function.
+
+
+def test_inner_warm_call_inside_an_outer_lane_announces_created_states():
+    inner = statemap.vmap(lambda y: statemap.State(y * 2.0, name="made"))
+    outer = statemap.vmap(lambda x: inner(x))
+    for shape in [(2, 3), (4, 3), (4, 3), (2, 3)]:  # (4, 3): the inner plan is warm inside a new outer trace
+        x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+        made = outer(x)
+        assert isinstance(made, statemap.State) and made.name == "made"
+        assert_concrete([made])
+        assert_tree_allclose(made.value, jax.vmap(jax.vmap(lambda y: y * 2.0))(x))
+
+
+def test_inner_warm_call_in_a_container_inside_an_outer_lane():
+    seed = statemap.State(jnp.float32(1.0))
+    inner = statemap.vmap(lambda y: {"w": statemap.ParamState(y + seed.value, name="w"), "y": y})
+    outer = statemap.vmap(lambda x: inner(x), in_axes=1)
+    x = jnp.ones((3, 2))
+    first = outer(x)
+    second = outer(jnp.ones((3, 4)))  # a new outer signature, the same inner lane signature
+    for out, x in [(first, jnp.ones((3, 2))), (second, jnp.ones((3, 4)))]:
+        assert isinstance(out["w"], statemap.ParamState)
+        assert_tree_allclose(out["w"].value, jnp.moveaxis(x, 1, 0) + 1.0)
+        assert_tree_allclose(out["y"], jnp.moveaxis(x, 1, 0))
+    assert first["w"] is not second["w"]
+
+
+def test_returned_untouched_state_replaced_and_collected_is_retraced():
+    holder = {"s": statemap.State(jnp.ones(2), name="first")}
+    f = statemap.vmap(lambda x: (x * 2.0, holder["s"]))
+    x = jnp.arange(3.0)
+    out, returned = f(x)
+    assert returned is holder["s"]
+    holder["s"] = statemap.State(jnp.zeros(2), name="second")
+    del returned
+    gc.collect()
+    out, returned = f(x)
+    assert returned is holder["s"] and returned.name == "second"
+    assert_tree_allclose(out, x * 2.0)
+
+
 # vmap's static arguments and positional in_axes/out_axes.
 
 
