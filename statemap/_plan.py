@@ -55,7 +55,8 @@ class StateOut:
 
     @is_leaf.default
     def _is_leaf(self) -> bool:
-        return jax.tree_util.treedef_is_leaf(self.treedef)
+        # ``None`` is a leaf treedef too, with no leaves: it must be unflattened.
+        return jax.tree_util.treedef_is_leaf(self.treedef) and self.treedef.num_leaves == 1
 
     def value(self, outs: Sequence[Any], pos: int) -> Any:
         """This state's new value from the program's outputs, starting at ``pos``."""

@@ -225,6 +225,65 @@ def test_returned_untouched_state_replaced_and_collected_is_retraced():
     assert_tree_allclose(out, x * 2.0)
 
 
+# None is an empty pytree.
+
+
+def test_lazy_init_of_a_none_state_under_vmap():
+    cache = statemap.State(None, name="cache")
+
+    @statemap.vmap
+    def step(x):
+        if cache.value is None:
+            cache.value = jnp.zeros(3)
+        cache.value = cache.value + 1.0
+        return x + cache.value.sum()
+
+    def oracle(x, cache):
+        cache = jnp.zeros(3) if cache is None else cache
+        cache = cache + 1.0
+        return jax.vmap(lambda x: x + cache.sum())(x), cache
+
+    x = jnp.arange(2.0)
+    for reset in (False, False, True, False):
+        if reset:
+            cache.value = None
+        expected, expected_cache = oracle(x, cache.value)
+        assert_tree_allclose(step(x), expected)
+        assert_tree_allclose(cache.value, expected_cache)
+
+
+def test_writing_none_to_a_state_under_vmap():
+    s = statemap.State(jnp.ones(2), name="s")
+    empty = statemap.State(None, name="empty")
+
+    def clear(x):
+        s.value = None
+        empty.value = None
+        return x * 2.0
+
+    f = statemap.vmap(clear)
+    for _ in range(2):
+        assert_tree_allclose(f(jnp.arange(3.0)), jnp.arange(3.0) * 2.0)
+        assert s.value is None and empty.value is None
+        s.value = jnp.ones(2)
+
+
+def test_none_leaves_inside_a_state_under_vmap():
+    s = statemap.State({"a": None, "b": jnp.ones(2)}, name="s")
+
+    def step(x):
+        s.value = {"a": None, "b": s.value["b"] * 2.0 + jax.lax.psum(x, "i")}
+        return x + s.value["b"]
+
+    f = statemap.vmap(step, axis_name="i")
+    x = jnp.arange(3.0)
+    for _ in range(2):
+        b = s.value["b"] * 2.0 + x.sum()
+        assert_tree_allclose(f(x), x[:, None] + b)
+        assert s.value["a"] is None
+        assert_tree_allclose(s.value["b"], b)
+
+
 # vmap's static arguments and positional in_axes/out_axes.
 
 
