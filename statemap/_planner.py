@@ -266,11 +266,13 @@ def normalise_out_axes(api: str, axes: list[int | None], avals: Sequence[Any]) -
 def collect_outputs(api: str, out: Any, recorder: LaneRecorder, outputs: LaneOutputs) -> list[Any]:
     """Flatten what the lane returned and wrote into the lane jaxpr's outputs."""
     leaves, outputs.out_tree = jax.tree.flatten(out)
+    # What ``jax.vmap`` takes as an output: NumPy values are broadcast like constants.
+    array_like = (jax.Array, np.ndarray, np.generic, int, float, complex, bool)
     arrays = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, State):
             outputs.out_slots.append(leaf)
-        elif isinstance(leaf, (jax.Array, int, float, complex, bool)) or hasattr(leaf, "__jax_array__"):
+        elif isinstance(leaf, array_like) or hasattr(leaf, "__jax_array__"):
             outputs.out_slots.append(None)
             arrays.append(leaf)
         else:

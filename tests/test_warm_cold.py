@@ -284,6 +284,34 @@ def test_none_leaves_inside_a_state_under_vmap():
         assert_tree_allclose(s.value["b"], b)
 
 
+# NumPy outputs.
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [np.zeros(2), np.float32(1.5), np.arange(3, dtype=np.int16), np.bool_(True), 2.5, (np.ones((2, 2)), 3)],
+    ids=["ndarray", "float32-scalar", "int16", "bool", "python-float", "tuple"],
+)
+def test_numpy_outputs_are_broadcast_as_jax_vmap_does(extra):
+    s = statemap.State(jnp.float32(2.0))
+    f = statemap.vmap(lambda x: (x * s.value, extra))
+    oracle = jax.vmap(lambda x: (x * 2.0, extra))
+    x = jnp.arange(3.0)
+    for _ in range(2):
+        out, expected = f(x), oracle(x)
+        assert jax.tree.structure(out) == jax.tree.structure(expected)
+        for a, e in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+            assert_same_array(a, e)
+
+
+def test_numpy_outputs_with_out_axes_none():
+    f = statemap.vmap(lambda x: (x, np.arange(2.0)), out_axes=(0, None))
+    out = f(jnp.arange(3.0))
+    expected = jax.vmap(lambda x: (x, np.arange(2.0)), out_axes=(0, None))(jnp.arange(3.0))
+    for a, e in zip(out, expected):
+        assert_same_array(a, e)
+
+
 # vmap's static arguments and positional in_axes/out_axes.
 
 
