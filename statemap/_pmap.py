@@ -108,12 +108,12 @@ class PMapMapping(StatefulMapping):
 
         first_device = (self.devices or jax.local_devices(backend=self.backend))[0]
         if any(axis is not None for axis in spec.in_axes):
-            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, first_device)
+            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, spec.axis_size, first_device)
         # jax.pmap needs a mapped input even with axis_size: give it the lane
         # indices, sharded once so that calls do not copy them to the devices.
         indices = jax.pmap(lambda i: i, devices=self.devices, backend=self.backend)(jnp.arange(spec.axis_size))
         program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
-        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, first_device)
+        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, spec.axis_size, first_device)
 
     def _device_count(self) -> int:
         return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
@@ -148,39 +148,46 @@ class PMapMapping(StatefulMapping):
 
 
 def _placing(
-    program: Callable[..., Sequence[Any]], in_axes: Sequence[int | None], device: jax.Device
+    program: Callable[..., Sequence[Any]], in_axes: Sequence[int | None], size: int, device: jax.Device
 ) -> Callable[..., Sequence[Any]]:
-    """``program``, moving inputs whose sharding ``jax.pmap`` rejects to where it takes them.
+    """``program``, first moving the inputs ``jax.pmap`` would reject to where it takes them.
 
-    A state can hold a value sharded by an earlier pmap (or committed to one
-    device) that this pmap cannot take as is: a broadcast input spread over
-    devices, or a mapped input on one device. Such inputs are found on the
-    first rejection and moved on every later call; others pass untouched.
+    A state can hold a value an earlier pmap sharded, or one committed to a
+    single device, that this pmap cannot take as is (see ``_misplaced``). Each
+    call decides from its own inputs' shardings: nothing is remembered, so an
+    input moved once is not copied again once it is in place, and tracers (a
+    call inside another transform) pass untouched.
     """
-    moved: set[int] = set()
-
-    def place(i: int, x: Any) -> Any:
-        return jax.device_put(x, device) if in_axes[i] is None else np.asarray(x)
-
-    def misplaced(i: int, x: Any) -> bool:
-        if i in moved or not isinstance(x, jax.Array):
-            return False
-        spread = len(x.sharding.device_set) > 1
-        return spread and not x.sharding.is_fully_replicated if in_axes[i] is None else not spread
 
     def run(*inputs: Any) -> Sequence[Any]:
-        if moved:
-            inputs = tuple(place(i, x) if i in moved else x for i, x in enumerate(inputs))
-        try:
-            return program(*inputs)
-        except ValueError as err:
-            found = {i for i, x in enumerate(inputs) if misplaced(i, x)}
-            if "does not match the sharding" not in str(err) or not found:
-                raise
-            moved.update(found)
-            return run(*inputs)
+        if any(_misplaced(x, axis, size) for x, axis in zip(inputs, in_axes)):
+            inputs = tuple(_placed(x, axis, size, device) for x, axis in zip(inputs, in_axes))
+        return program(*inputs)
 
     return run
+
+
+def _misplaced(x: Any, axis: int | None, size: int) -> bool:
+    """Whether ``jax.pmap`` rejects ``x`` as an input on ``axis`` (None: broadcast) of ``size`` lanes.
+
+    It takes any uncommitted array. Committed, a broadcast input must be on one
+    device or replicated, and a mapped input split along its mapped axis, one
+    slice per device.
+    """
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.committed:
+        return False
+    sharding = x.sharding
+    if axis is None:
+        return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+    one_slice = (*x.shape[:axis], 1, *x.shape[axis + 1 :])
+    return len(sharding.device_set) != size or tuple(sharding.shard_shape(x.shape)) != one_slice
+
+
+def _placed(x: Any, axis: int | None, size: int, device: jax.Device) -> Any:
+    if not _misplaced(x, axis, size):
+        return x
+    # A broadcast input goes to one device; a mapped one through the host, uncommitted.
+    return jax.device_put(x, device) if axis is None else np.asarray(x)
 
 
 @overload

@@ -312,6 +312,56 @@ def test_numpy_outputs_with_out_axes_none():
         assert_same_array(a, e)
 
 
+# pmap moves misplaced inputs, deciding on every call.
+
+
+def test_pmap_moves_a_committed_split_state_each_call_it_needs_it():
+    n = 4
+    devs = jax.devices()[:n]
+    h = statemap.HiddenState(jax.device_put(jnp.arange(n * 2.0).reshape(n, 2), devs[0]), name="h")
+
+    def step(x):
+        h.value = h.value + x
+        return h.value * 2.0
+
+    m = statemap.pmap(step, devices=devs, state_in_axes=statemap.HiddenState)
+    x = jnp.ones((n, 2))
+    expected_h = np.arange(n * 2.0).reshape(n, 2)
+    for commit_to in (devs[0], None, devs[2]):
+        if commit_to is not None:
+            h.value = jax.device_put(h.value, commit_to)  # committed to one device: pmap rejects it as is
+        expected_h = expected_h + 1.0
+        assert_tree_allclose(m(x), expected_h * 2.0)
+        assert_tree_allclose(h.value, expected_h)
+        assert len(h.value.devices()) == n  # the written state stays sharded on the devices
+
+
+def test_pmap_moves_a_broadcast_state_sharded_by_another_pmap():
+    n = 4
+    devs = jax.devices()[:n]
+    w = statemap.ParamState(jnp.arange(n * 2.0).reshape(n, 2), name="w")
+    shard = statemap.pmap(lambda: setattr(w, "value", w.value * 1.0), devices=devs, state_in_axes={0: w})
+    read = statemap.pmap(lambda x: x + w.value.sum(), devices=devs)
+    x = jnp.arange(float(n))
+    for _ in range(2):
+        shard()  # w is now split over the devices, one row each
+        assert len(w.value.sharding.device_set) == n and not w.value.sharding.is_fully_replicated
+        assert_tree_allclose(read(x), x + np.arange(n * 2.0).sum())
+
+
+def test_pmap_called_inside_vmap_after_moving_an_input():
+    n = 2
+    devs = jax.devices()[:n]
+    scale = statemap.State(jnp.float32(3.0), name="scale")
+    inner = statemap.pmap(lambda x: x * scale.value, devices=devs)
+    x = jax.device_put(jnp.ones((n, 3)), devs[0])  # committed to one device: this call moves it
+    assert_tree_allclose(inner(x), x * 3.0)
+    outer = statemap.vmap(inner, in_axes=1, out_axes=1)
+    xs = jnp.arange(n * 5 * 3.0).reshape(n, 5, 3)
+    assert_tree_allclose(outer(xs), xs * 3.0)
+    assert_tree_allclose(inner(jnp.ones((n, 3))), np.full((n, 3), 3.0))
+
+
 # vmap's static arguments and positional in_axes/out_axes.
 
 
