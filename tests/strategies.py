@@ -1212,3 +1212,132 @@ def nested_programs(draw: Any) -> Nested:
         prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
     policy = draw(st.sampled_from(["raise", "warn", "ignore"]))
     return Nested(prog, draw(st.integers(1, 3)), split, policy, broadcast)
+
+
+# ---------------------------------------------------------------------------
+# Plan-key programs: between calls the host changes what a plan's key must
+# cover (weak and strong scalars, static values of equal value and different
+# type, None state values, the State object passed as an argument), and every
+# warm call must agree with a cold call of a fresh mapping and with jax.vmap.
+
+ARG_DTYPES = ("int8", "int32", "bfloat16", "float32")
+STATIC_VALUES = (2, 2.0, True, 1, 1.0, False)
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """A scalar state: its kind ('int' or 'float'), its value form per call, whether the lane writes it.
+
+    Forms: 'weak' (a Python number), 'strong' (a JAX scalar of the kind's
+    32-bit dtype), 'none' (the lane initialises it lazily) or 'keep' (what
+    the previous call left, weak if it was weak; a Python number at first).
+    """
+
+    kind: str
+    forms: tuple[str, ...]
+    writes: bool
+
+
+@dataclass(frozen=True)
+class KeyProgram:
+    n: int
+    arg_dtype: str
+    states: tuple[KeyState, ...]
+    statics: tuple[Any, ...]  # the static argument of each call
+    by_name: bool  # the static argument is passed by keyword (``static_argnames``)
+    swap_arg_state: tuple[bool, ...]  # per call: pass a new State object as the argument state
+
+    @property
+    def calls(self) -> int:
+        return len(self.statics)
+
+
+@st.composite
+def key_programs(draw: Any) -> KeyProgram:
+    calls = draw(st.integers(2, 3))
+    forms = st.sampled_from(["weak", "strong", "none", "keep"])
+    states = tuple(
+        KeyState(draw(st.sampled_from(["int", "float"])), tuple(draw(forms) for _ in range(calls)), draw(st.booleans()))
+        for _ in range(draw(st.integers(1, 3)))
+    )
+    return KeyProgram(
+        n=draw(st.integers(1, 3)),
+        arg_dtype=draw(st.sampled_from(ARG_DTYPES)),
+        states=states,
+        statics=tuple(draw(st.sampled_from(STATIC_VALUES)) for _ in range(calls)),
+        by_name=draw(st.booleans()),
+        swap_arg_state=tuple(draw(st.booleans()) for _ in range(calls)),
+    )
+
+
+def key_value(state: KeyState, form: str, call: int, current: Any) -> Any:
+    """The value the host gives ``state`` before ``call`` (``current``: what it holds)."""
+    if form == "keep":
+        return key_value(state, "weak", call, None) if call == 0 else current
+    if form == "none":
+        return None
+    number = call + 3 if state.kind == "int" else call + 0.5
+    if form == "weak":
+        return number
+    return jnp.int32(number) if state.kind == "int" else jnp.float32(number)
+
+
+def key_lane(prog: KeyProgram, x: Any, k: Any, values: Sequence[Any], arg_value: Any) -> tuple[Any, list[Any], Any]:
+    """One lane as a pure function: (output, new state values, new argument-state value).
+
+    Python control flow on ``None`` and on the static ``k`` (``k is True``)
+    is decided at trace time, as in the stateful version.
+    """
+    acc = x
+    new = []
+    for state, value in zip(prog.states, values):
+        if value is None:
+            value = jnp.zeros((), jnp.int32 if state.kind == "int" else jnp.float32)
+        acc = acc + value
+        new.append(value + 1 if state.writes else value)
+    acc = acc * 2 if k is True else acc * k
+    return acc, new, arg_value * 2 + 1
+
+
+def key_function(prog: KeyProgram, states: Sequence[statemap.State]) -> Any:
+    """The stateful lane function over ``states``; the argument state comes last."""
+
+    def fn(x: Any, k: Any, s_arg: statemap.State) -> Any:
+        values = []
+        for state, s in zip(prog.states, states):
+            if s.value is None:
+                s.value = jnp.zeros((), jnp.int32 if state.kind == "int" else jnp.float32)
+            values.append(s.value)
+        out, new, new_arg = key_lane(prog, x, k, values, s_arg.value)
+        for state, s, value in zip(prog.states, states, new):
+            if state.writes:
+                s.value = value
+        s_arg.value = new_arg
+        return out
+
+    def by_keyword(x: Any, s_arg: statemap.State, *, k: Any) -> Any:
+        return fn(x, k, s_arg)
+
+    return by_keyword if prog.by_name else fn
+
+
+def key_mapping(prog: KeyProgram, states: Sequence[statemap.State]) -> Any:
+    fn = key_function(prog, states)
+    if prog.by_name:
+        return statemap.vmap(fn, in_axes=(0, None), static_argnames="k")
+    return statemap.vmap(fn, in_axes=(0, None, None), static_argnums=1)
+
+
+def key_call(prog: KeyProgram, mapping: Any, x: Any, k: Any, s_arg: statemap.State) -> Any:
+    return mapping(x, s_arg, k=k) if prog.by_name else mapping(x, k, s_arg)
+
+
+def key_oracle(prog: KeyProgram, x: Any, k: Any, values: Sequence[Any], arg_value: Any) -> tuple[Any, list[Any], Any]:
+    """``jax.vmap`` of the pure lane, the state values passed unmapped."""
+    return jax.vmap(lambda x, values, a: key_lane(prog, x, k, values, a), in_axes=(0, None, None), out_axes=(0, None, None))(
+        x, list(values), arg_value
+    )
+
+
+def key_argument(prog: KeyProgram, call: int) -> Any:
+    return jnp.arange(prog.n).astype(prog.arg_dtype) + call

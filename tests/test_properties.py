@@ -16,15 +16,20 @@ oracle that threads the same values through ``jax.vmap`` / ``jax.pmap``; the
 outputs and every state's new value must agree, or both must refuse the
 program, leaving every state exactly as it was and concrete. A fourth property
 nests a generated program's ``statemap.vmap`` inside a ``statemap.vmap`` or
-``statemap.pmap`` that splits, broadcasts or keys the same states again.
+``statemap.pmap`` that splits, broadcasts or keys the same states again. A
+fifth changes, between calls, what a plan's key must cover (weak and strong
+scalars, static values of equal value and different type, ``None`` state
+values, a new State object as an argument): every warm call must give what a
+cold call of a fresh mapping gives (dtypes and weak types included), and what
+``jax.vmap`` gives.
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default): 200 vmap + 80 pmap + 120 policy + 80 nested = 480
-  examples, derandomized; about 2 minutes on 2 cores.
+* ``ci`` (default): 200 vmap + 80 pmap + 120 policy + 80 nested + 15 keys =
+  495 examples, derandomized; about 2 minutes on 2 cores.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
-  300 = 1,800 examples, randomized (about 10 minutes).
+  300 + 200 = 2,000 examples, randomized (about 12 minutes).
 
 Bugs the generator found are pinned below as plain ``test_regression_*`` tests.
 """
@@ -45,6 +50,7 @@ from hypothesis.control import currently_in_test_context
 from hypothesis.control import event as _event
 from strategies import (
     Expected,
+    KeyProgram,
     Nested,
     Out,
     Program,
@@ -54,7 +60,13 @@ from strategies import (
     initial_values,
     is_typed_key,
     iter_ops,
+    key_argument,
     key_bits,
+    key_call,
+    key_mapping,
+    key_oracle,
+    key_programs,
+    key_value,
     make_mapping,
     make_nested,
     make_states,
@@ -95,8 +107,8 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80},
-    "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300},
+    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80, "keys": 15},
+    "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300, "keys": 200},
 }[PROFILE]
 
 
@@ -387,3 +399,47 @@ def test_regression_user_type_error_is_not_reported_as_missing_axis_size():
     with pytest.raises(TypeError, match="unsupported operand"):
         statemap.vmap(g, state_in_axes=statemap.HiddenState)()
     assert len(runs) == 1
+
+
+# ---------------------------------------------------------------------------
+# Warm calls against cold calls, the host changing what the plan key covers.
+
+
+def assert_same_leaf(actual: Any, expected: Any, what: str, exact: bool) -> None:
+    """Same dtype and weak type; values equal (``exact``) or close."""
+    actual, expected = jnp.asarray(actual), jnp.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert jax.typeof(actual).weak_type == jax.typeof(expected).weak_type, f"{what}: weak type differs"
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if exact:
+        np.testing.assert_array_equal(a, e, err_msg=what)
+    else:
+        np.testing.assert_allclose(a, e, rtol=1e-2, atol=1e-2, err_msg=what)
+
+
+@profile("keys")
+@given(key_programs())
+def test_warm_calls_match_cold_calls_when_the_plan_key_changes(prog: KeyProgram) -> None:
+    states = [statemap.State(None, name=f"s{j}") for j in range(len(prog.states))]
+    mapping = key_mapping(prog, states)
+    s_arg = statemap.State(jnp.float32(1.0), name="arg")
+    for call in range(prog.calls):
+        for state, s in zip(prog.states, states):
+            s.value = key_value(state, state.forms[call], call, s.value)
+        if prog.swap_arg_state[call]:
+            event("keys: a new State object as the argument")
+            s_arg = statemap.State(s_arg.value, name="arg")
+        x, k = key_argument(prog, call), prog.statics[call]
+        values, arg_value = [s.value for s in states], s_arg.value
+        cold_states = [statemap.State(v) for v in values]
+        cold_arg = statemap.State(arg_value)
+        cold = key_call(prog, key_mapping(prog, cold_states), x, k, cold_arg)
+        warm = key_call(prog, mapping, x, k, s_arg)
+        want, want_values, want_arg = key_oracle(prog, x, k, values, arg_value)
+        when = f"call {call} (k={k!r}, forms {[s.forms[call] for s in prog.states]})"
+        assert_same_leaf(warm, cold, f"{when}: output, warm vs cold", exact=True)
+        assert_same_leaf(warm, want, f"{when}: output vs jax.vmap", exact=False)
+        for j, (s, c, w) in enumerate(zip(states, cold_states, want_values)):
+            assert_same_leaf(s.value, c.value, f"{when}: s{j}, warm vs cold", exact=True)
+            assert_same_leaf(s.value, w, f"{when}: s{j} vs jax.vmap", exact=False)
+        assert_same_leaf(s_arg.value, want_arg, f"{when}: argument state", exact=True)
