@@ -12,6 +12,7 @@ import jax
 
 from ._axes import axis_in_range, lane_aval, leaf_axes
 from ._catalogue import SizeSources
+from ._identity import IdentityDict
 from ._jax_internals import fast_aval
 from ._state import State, describe
 from .errors import BatchAxisError
@@ -125,9 +126,9 @@ class Call:
         return axes + [0] * (len(self.all_leaves) - len(axes))
 
     @cached_property
-    def state_arg_axes(self) -> dict[State, tuple[str, int | None]]:
-        """For each State passed as an argument: its argument name and ``in_axes`` entry."""
-        found: dict[State, tuple[str, int | None]] = {}
+    def state_arg_axes(self) -> IdentityDict[State, tuple[str, int | None]]:
+        """For each State passed as an argument (by identity): its argument name and ``in_axes`` entry."""
+        found: IdentityDict[State, tuple[str, int | None]] = IdentityDict()
         for i, state in self.state_args:
             name, axis = self._paths[i], self._axes[i]
             if state in found and found[state][1] != axis:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
+from ._identity import IdentityDict
 from ._state import (
     State,
     Watcher,
@@ -43,8 +44,9 @@ class StateTrace:
     """
 
     def __init__(self) -> None:
-        self._before: dict[State, Any] = {}
-        self._written: dict[State, None] = {}
+        # By identity: a State subclass may define ``__eq__``/``__hash__``.
+        self._before: IdentityDict[State, Any] = IdentityDict()
+        self._written: IdentityDict[State, None] = IdentityDict()
         self._parent: Watcher | None = None
         self._active = False
 

@@ -490,3 +490,52 @@ def test_state_passed_as_an_argument_may_be_replaced():
     second = statemap.ParamState(jnp.full(2, 4.0), name="w")
     assert_tree_allclose(step(x, second), x * 4.0)
     assert step.explain(x, second).states == (second,)
+
+
+# States are identities, whatever their __eq__.
+
+
+class ByName(statemap.State):
+    """A State subclass that compares by name (and so is unhashable)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, ByName) and other.name == self.name
+
+
+class HashedByName(ByName):
+    __slots__ = ()
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+@pytest.mark.parametrize("cls", [ByName, HashedByName])
+def test_state_trace_keeps_states_equal_by_name_apart(cls):
+    a, b = cls(jnp.zeros(2), name="w"), cls(jnp.ones(2), name="w")
+    assert a == b
+    with statemap.StateTrace() as trace:
+        a.value = a.value + 1.0
+        _ = b.value
+    assert trace.states[0] is a and trace.states[1] is b and len(trace.states) == 2
+    assert len(trace.written) == 1 and trace.written[0] is a
+    trace.restore()
+    assert_tree_allclose(a.value, jnp.zeros(2))
+    assert_tree_allclose(b.value, jnp.ones(2))
+
+
+@pytest.mark.parametrize("cls", [ByName, HashedByName])
+def test_states_equal_by_name_passed_as_arguments_stay_apart(cls):
+    a, b = cls(jnp.zeros(2), name="w"), cls(jnp.ones(2), name="w")
+
+    def step(x, a, b):
+        a.value = a.value + 1.0
+        return x + b.value
+
+    f = statemap.vmap(step, in_axes=(0, None, None))
+    x = jnp.arange(3.0)[:, None]
+    for i in range(2):
+        assert_tree_allclose(f(x, a, b), x + jnp.ones(2))
+        assert_tree_allclose(a.value, jnp.full(2, i + 1.0))
+        assert_tree_allclose(b.value, jnp.ones(2))
