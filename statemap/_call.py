@@ -201,7 +201,7 @@ class Call:
                     f"{self.mapping.api}: argument {name} is a {type(leaf).__name__} "
                     f"({leaf!r}), not an array. Pass arrays (or pytrees of arrays); close "
                     f"over other values, or mark the argument static "
-                    f"(`static_broadcasted_argnums` in pmap)."
+                    f"(`{self.mapping.static_argnums_name}`)."
                 )
         return TypeError(f"{self.mapping.api}: an argument is not an array.")
 
@@ -314,10 +314,28 @@ def infer_static(
         parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return tuple(nums), tuple(names)
-    kinds = {p.kind for p in parameters}
     positional = [p.name for p in parameters if p.kind in _POSITIONAL]
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    by_name = [p.name for p in parameters if p.kind in keyword]
+    by_name = [p.name for p in parameters if p.kind in _BY_NAME]
+    _check_static(api, parameters, nums, names, positional, by_name)
+    either_way = [n for n in positional if n in by_name]
+    more_nums = [positional.index(n) for n in names if n in either_way]
+    more_names = [positional[i] for i in nums if -len(positional) <= i < len(positional)]
+    more_names = [n for n in more_names if n in either_way]
+    return tuple(dict.fromkeys([*nums, *more_nums])), tuple(dict.fromkeys([*names, *more_names]))
+
+
+_BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _check_static(
+    api: str,
+    parameters: Sequence[inspect.Parameter],
+    nums: Sequence[int],
+    names: Sequence[str],
+    positional: Sequence[str],
+    by_name: Sequence[str],
+) -> None:
+    kinds = {p.kind for p in parameters}
     for i in nums:
         if inspect.Parameter.VAR_POSITIONAL not in kinds and not -len(positional) <= i < len(positional):
             raise ValueError(
@@ -330,7 +348,3 @@ def infer_static(
                 f"{api}: `static_argnames` names {name!r}, which `fn` does not take as a keyword "
                 f"(it takes {', '.join(by_name) or 'none'}). Give the name of one of its parameters."
             )
-    more_nums = [positional.index(n) for n in names if n in positional]
-    more_names = [positional[i] for i in nums if -len(positional) <= i < len(positional)]
-    more_names = [n for n in more_names if n in by_name]
-    return tuple(dict.fromkeys([*nums, *more_nums])), tuple(dict.fromkeys([*names, *more_names]))
