@@ -397,6 +397,32 @@ def test_per_example_gradients_under_raw_jax_vmap_of_a_read_only_loss():
     assert_tree_allclose(g, expected)
 
 
+def test_data_parallel_training_under_pmap_with_pmean_of_gradients():
+    w = statemap.ParamState(jnp.array([[0.5, -0.3], [0.1, 0.2]]), name="w")
+    steps = statemap.ShortTermState(jnp.int32(0), name="steps")
+
+    def loss(x, y):
+        return jnp.mean((jnp.tanh(x @ w.value) - y) ** 2)
+
+    def step(x, y):
+        value, g = statemap.value_and_grad(loss, w)(x, y)
+        w.value = w.value - 0.5 * jax.lax.pmean(g, "d")  # the same on every device: written as is
+        steps.value = steps.value + 1
+        return jax.lax.pmean(value, "d")
+
+    train = statemap.pmap(step, axis_name="d", devices=jax.devices()[:4])
+    pure = jax.jit(jax.value_and_grad(lambda w, x, y: jnp.mean((jnp.tanh(x @ w) - y) ** 2)))
+    xs, ys = arr(4, 4, 2), jnp.full((4, 4, 2), 0.3)
+    pw = w.value
+    for t in range(3):
+        values = jax.block_until_ready(train(xs, ys))
+        pv, g = pure(pw, xs.reshape(16, 2), ys.reshape(16, 2))
+        pw = pw - 0.5 * g
+        assert_tree_allclose(values, jnp.full(4, pv), rtol=1e-5)
+        assert_tree_allclose(w.value, pw, rtol=1e-5)
+        assert int(steps.value) == t + 1
+
+
 # Under statemap.jit: an MLP train step.
 
 
