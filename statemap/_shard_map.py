@@ -8,10 +8,13 @@ from typing import Any, TypeVar, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ._call import Call
+from ._catalogue import LaneRecorder, SizeSources
 from ._mapping import MapSpec, StatefulMapping
 from ._plan import Plan
+from ._planner import LaneOutputs
 from ._policy import PolicyName
 from ._transform import MISSING
 
@@ -96,7 +99,26 @@ class ShardMapMapping(StatefulMapping):
             # output declared replicated is the same on every device.
             check_vma=False,
         )
-        return jax.jit(mapped, donate_argnums=spec.donated)
+        program = jax.jit(mapped, donate_argnums=spec.donated)
+        shardings = [NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes]
+
+        def run(*inputs: Any) -> Sequence[Any]:
+            # Inputs go where the program keeps its outputs, so the first call
+            # compiles for the shardings every later call sees (a warm second
+            # call), and a state another mesh left elsewhere moves here.
+            return program(*(_placed(x, s) for x, s in zip(inputs, shardings)))
+
+        return run
+
+    def _trace(
+        self, call: Call, sizes: SizeSources, axis_name: Hashable | None, hint: int | None
+    ) -> tuple[Any, LaneRecorder, LaneOutputs]:
+        # Trace as jax.shard_map traces its body, under the mesh with the lane
+        # axis manual: the equations keep that mesh, which lowering
+        # ``axis_index`` on a partly manual mesh (other axes auto) needs.
+        mesh = self.mesh.abstract_mesh.update_axis_types({self._lane_axis: AxisType.Manual})
+        with jax.sharding.use_abstract_mesh(mesh):
+            return super()._trace(call, sizes, axis_name, hint)
 
     def _resolve_axis_size(self, size: int | None) -> int:
         devices = self.mesh.shape[self._lane_axis]
@@ -118,6 +140,13 @@ class ShardMapMapping(StatefulMapping):
 def _spec(axis: int | None, name: Hashable) -> PartitionSpec:
     """The partition of a value mapped on ``axis`` (None: replicated) over mesh axis ``name``."""
     return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), name)
+
+
+def _placed(x: Any, sharding: NamedSharding) -> Any:
+    """``x`` laid out as ``sharding``; tracers and non-arrays pass untouched."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.sharding == sharding:
+        return x
+    return jax.device_put(x, sharding)
 
 
 def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable) -> Mesh:
