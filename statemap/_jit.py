@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
@@ -41,6 +42,11 @@ class JitTransform(StatefulTransform):
     """
 
     api = "statemap.jit"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        # A decorated method binds its instance, as a ``jax.jit`` one does;
+        # mark it static (``static_argnums=0``) unless it is a pytree of arrays.
+        return self if instance is None else types.MethodType(self, instance)
 
     def _build(self, call: Call) -> tuple[Plan, list[State]]:
         sizes = call.sizes.copy()
