@@ -35,6 +35,7 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
       The output of the branch taken.
 
     Raises:
+      TypeError: if a branch is not callable, or creates or returns a State.
       StateTypeError: if the branches leave a state with different shapes or dtypes.
 
     Example:
@@ -52,7 +53,9 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
       1
     """
     api = "statemap.cond"
-    # The order jax.lax.cond's booleans index: false first.
+    for name, fn in (("true_fn", true_fn), ("false_fn", false_fn)):
+        if not callable(fn):
+            raise TypeError(f"{api}: `{name}` must be callable, got {type(fn).__name__}: {fn!r}.")
     return _branch(api, lambda fns, ops, vals: jax.lax.cond(pred, *fns, ops, vals), [true_fn, false_fn], operands)
 
 
@@ -68,6 +71,8 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
       The output of the branch chosen.
 
     Raises:
+      TypeError: if ``branches`` is not a non-empty sequence of callables, or a
+        branch creates or returns a State.
       StateTypeError: if the branches leave a state with different shapes or dtypes.
 
     Example:

@@ -221,6 +221,12 @@ def test_switch_rejects_bad_branches(branches):
         statemap.switch(0, branches)
 
 
+@pytest.mark.parametrize(("true_fn", "false_fn", "name"), [(1, lambda: 0, "true_fn"), (lambda: 0, None, "false_fn")])
+def test_cond_rejects_a_branch_that_is_not_callable(true_fn, false_fn, name):
+    with pytest.raises(TypeError, match=rf"statemap.cond: `{name}` must be callable"):
+        statemap.cond(True, true_fn, false_fn)
+
+
 # Inside statemap.vmap lanes.
 
 
