@@ -272,6 +272,7 @@ RAISING = {
     "grad": lambda f, x: jax.grad(lambda x: f(x)[1].sum())(x),
     "vmap": lambda f, x: jax.vmap(f)(jnp.stack([x, x])),
     "jvp": lambda f, x: jax.jvp(f, (x,), (jnp.ones_like(x),)),
+    "vmap-constant-output-only": lambda f, x: jax.vmap(lambda y: f(y)[0])(jnp.stack([x, x])),
 }
 
 

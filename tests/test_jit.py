@@ -365,6 +365,20 @@ def test_a_created_state_is_kept_and_usable_by_later_calls():
     assert_tree_allclose(h.value, expected)
 
 
+def test_an_ensemble_initialised_by_a_vmap_inside_jit():
+    rng, eager_rng = statemap.RandomState(14), statemap.RandomState(14)
+
+    def make(rng):
+        return statemap.vmap(lambda: statemap.ParamState(rng.normal((2,)), name="w"), axis_size=3)
+
+    jitted = statemap.jit(lambda: make(rng)())
+    first, second = jitted(), jitted()
+    assert first is not second and first.name == "w"
+    assert_tree_allclose(first.value, make(eager_rng)().value)
+    assert_tree_allclose(second.value, make(eager_rng)().value)
+    assert_keys_equal(rng.value, eager_rng.value)
+
+
 # explain().
 
 
