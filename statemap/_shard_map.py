@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -100,15 +101,8 @@ class ShardMapMapping(StatefulMapping):
             check_vma=False,
         )
         program = jax.jit(mapped, donate_argnums=spec.donated)
-        shardings = [NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes]
-
-        def run(*inputs: Any) -> Sequence[Any]:
-            # Inputs go where the program keeps its outputs, so the first call
-            # compiles for the shardings every later call sees (a warm second
-            # call), and a state another mesh left elsewhere moves here.
-            return program(*(_placed(x, s) for x, s in zip(inputs, shardings)))
-
-        return run
+        placed = _Placed([NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes])
+        return lambda *inputs: program(*placed(inputs))
 
     def _trace(
         self, call: Call, sizes: SizeSources, axis_name: Hashable | None, hint: int | None
@@ -142,11 +136,30 @@ def _spec(axis: int | None, name: Hashable) -> PartitionSpec:
     return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), name)
 
 
-def _placed(x: Any, sharding: NamedSharding) -> Any:
-    """``x`` laid out as ``sharding``; tracers and non-arrays pass untouched."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.sharding == sharding:
-        return x
-    return jax.device_put(x, sharding)
+class _Placed:
+    """Lays inputs out as the program keeps its outputs: sharded on their axis, or replicated.
+
+    Then the first call compiles for the layouts every later call sees (a warm
+    second call), and a state another mesh left elsewhere moves here. A state
+    only read is never written back, so its copy on the devices is kept for as
+    long as its value lives: a warm call does not send it from the host again.
+    """
+
+    def __init__(self, shardings: Sequence[NamedSharding]):
+        self.shardings = shardings
+        self.copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def __call__(self, inputs: Sequence[Any]) -> list[Any]:
+        return [self.place(i, x, s) for i, (x, s) in enumerate(zip(inputs, self.shardings))]
+
+    def place(self, i: int, x: Any, sharding: NamedSharding) -> Any:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.sharding == sharding:
+            return x
+        source, copy = self.copies.get(i, (None, None))
+        if source is None or source() is not x or x.is_deleted():
+            copy = jax.device_put(x, sharding)
+            self.copies[i] = (weakref.ref(x, lambda _, i=i: self.copies.pop(i, None)), copy)
+        return copy
 
 
 def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable) -> Mesh:

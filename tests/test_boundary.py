@@ -83,6 +83,14 @@ def read_in_scan(x):
 read_in_checkpoint = jax.checkpoint(_read)
 
 
+@jax.custom_jvp
+def read_in_custom_jvp(x):
+    return _read(x)
+
+
+read_in_custom_jvp.defjvp(lambda primals, tangents: (read_in_custom_jvp(*primals), tangents[0]))
+
+
 class Reader:
     """A model whose method is a ``partial(jax.jit, static_argnums=0)`` reader."""
 
@@ -102,6 +110,7 @@ READERS = {
     "while_loop": read_in_while_loop,
     "scan": read_in_scan,
     "checkpoint": read_in_checkpoint,
+    "custom_jvp": read_in_custom_jvp,
 }
 
 
@@ -201,6 +210,13 @@ def _draw(x):
     return x + NOISE.normal()
 
 
+@jax.custom_jvp
+def _draw_in_custom_jvp(x):
+    return _draw(x)
+
+
+_draw_in_custom_jvp.defjvp(lambda primals, tangents: (_draw_in_custom_jvp(*primals), tangents[0]))
+
 RAW = {
     "jit": lambda x: jax.jit(_draw)(x),
     "scan": lambda x: jax.lax.scan(lambda c, _: (_draw(c), None), x, length=2)[0],
@@ -208,6 +224,7 @@ RAW = {
     "cond": lambda x: jax.lax.cond(x > 0, _draw, lambda y: y, x),
     "checkpoint": lambda x: jax.checkpoint(_draw)(x),
     "jax.vmap": lambda x: jax.vmap(_draw)(jnp.stack([x, x]))[0],
+    "custom_jvp": lambda x: _draw_in_custom_jvp(x),
 }
 
 WRITE_REFUSED = (
