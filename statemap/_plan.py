@@ -131,20 +131,31 @@ def batched_outputs(
 
     JAX decides, with public API only: ``jax.vmap(..., out_axes=None)`` rejects
     a batched output at trace time, and ``jax.eval_shape`` traces without
-    compiling. Groups that fail are bisected down to single outputs.
+    compiling. Groups that fail are bisected down to single outputs. The
+    rejection is told from other errors without reading JAX's message: the
+    first time a group fails, the same trace with ``out_axes=0`` must pass
+    (otherwise its error is the real one, raised with the first chained).
     """
+    verified: list[bool] = []
 
-    def probe(chosen: Sequence[int]) -> bool:
+    def traced(chosen: Sequence[int], out_axes: int | None) -> None:
         def pick(*xs: Any) -> list[Any]:
             outs = lane_fn(jax.lax.axis_index(axis_name), *xs)
             return [outs[i] for i in chosen]
 
-        mapped = jax.vmap(pick, in_axes=in_axes, out_axes=None, axis_name=axis_name, axis_size=axis_size)
+        mapped = jax.vmap(pick, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name, axis_size=axis_size)
+        jax.eval_shape(mapped, *inputs)
+
+    def probe(chosen: Sequence[int]) -> bool:
         try:
-            jax.eval_shape(mapped, *inputs)
+            traced(chosen, None)
         except ValueError as err:
-            if "out_axes is None" not in str(err):
-                raise
+            if not verified:
+                try:
+                    traced(candidates, 0)
+                except Exception as real:
+                    raise real from err
+                verified.append(True)
             return True
         return False
 
