@@ -25,8 +25,8 @@ cold call of a fresh mapping gives (dtypes and weak types included), and what
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default): 200 vmap + 80 pmap + 120 policy + 80 nested + 15 keys =
-  495 examples, derandomized; about 2 minutes on 2 cores.
+* ``ci`` (default): 200 vmap + 80 pmap + 120 policy + 80 nested + 12 keys =
+  492 examples, derandomized; about 2 minutes on 2 cores.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
   300 + 200 = 2,000 examples, randomized (about 12 minutes).
@@ -107,7 +107,7 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80, "keys": 15},
+    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80, "keys": 12},
     "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300, "keys": 200},
 }[PROFILE]
 
