@@ -134,7 +134,9 @@ def jit(
       >>> int(steps.value)
       2
     """
-    keywords = dict(static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums)
+    keywords: dict[str, Any] = dict(
+        static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
+    )
     if fn is MISSING:
         JitTransform(_validate_only, **keywords)
         return lambda f: JitTransform(f, **keywords)

@@ -262,14 +262,18 @@ def test_a_write_in_a_raw_scan_body_that_the_lane_writes_again_is_refused():
         return ys
 
     saved = snapshot([h])
-    with pytest.raises(statemap.StatemapError, match=r"statemap.vmap: HiddenState 'hs' .*is written \(or drawn from\) inside"):
+    message = r"statemap.vmap: HiddenState 'hs' .*is written \(or drawn from\) inside"
+    with pytest.raises(statemap.StatemapError, match=message):
         statemap.vmap(lane, state_in_axes=statemap.HiddenState)(jnp.ones(LANES))
     assert_unchanged(saved)
 
 
 # Rule 14: statemap transforms under raw JAX transforms.
 
-TRACER_REFUSED = r"{api}: called inside a JAX transformation that statemap does not manage .*would be left holding that transformation's tracers"
+TRACER_REFUSED = (
+    r"{api}: called inside a JAX transformation that statemap does not manage "
+    r".*would be left holding that transformation's tracers"
+)
 
 
 def _writing_mappings():
@@ -353,7 +357,8 @@ def test_a_random_state_argument_mapped_on_axis_0_names_in_axes():
 def test_a_writing_mapping_under_raw_jit_is_refused_and_changes_nothing():
     acc, transforms = _writing_mappings()
     saved = snapshot([acc])
-    with pytest.raises(statemap.StatemapError, match=r"statemap.vmap: called inside a JAX transformation .*HiddenState 'acc'"):
+    message = r"statemap.vmap: called inside a JAX transformation .*HiddenState 'acc'"
+    with pytest.raises(statemap.StatemapError, match=message):
         jax.jit(transforms["statemap.vmap"])(jnp.ones(LANES))
     assert_unchanged(saved)
 
@@ -409,9 +414,10 @@ def test_a_first_read_inside_raw_jax_is_an_input_of_the_plan():
         return x * w.value
 
     step = statemap.jit(lambda x: jax.lax.cond(x > 0, scale, lambda y: y, x) + scale(x))
-    loop = statemap.jit(
-        lambda xs: statemap.scan(lambda c, x: (jax.lax.cond(x > 0, lambda y: y * w.value, lambda y: y, c), None), 1.0, xs)[0]
-    )
+    def body(c, x):
+        return jax.lax.cond(x > 0, lambda y: y * w.value, lambda y: y, c), None
+
+    loop = statemap.jit(lambda xs: statemap.scan(body, 1.0, xs)[0])
     for value in [2.0, 5.0]:
         w.value = jnp.float32(value)
         assert_tree_allclose(step(jnp.float32(1)), 2 * value)

@@ -361,11 +361,11 @@ def test_an_ensemble_initialised_by_a_vmap_inside_jit():
     def make(rng):
         return statemap.vmap(lambda: statemap.ParamState(rng.normal((2,)), name="w"), axis_size=3)
 
-    jitted = statemap.jit(lambda: make(rng)())
+    jitted, eager = statemap.jit(make(rng)), make(eager_rng)
     first, second = jitted(), jitted()
     assert first is not second and first.name == "w"
-    assert_tree_allclose(first.value, make(eager_rng)().value)
-    assert_tree_allclose(second.value, make(eager_rng)().value)
+    assert_tree_allclose(first.value, eager().value)
+    assert_tree_allclose(second.value, eager().value)
     assert_keys_equal(rng.value, eager_rng.value)
 
 

@@ -165,11 +165,19 @@ def test_for_loop_equals_the_python_loop():
 
 
 def test_for_loop_with_length_and_no_xs():
-    unit, oracle = Unit(4), Unit(4)
-    ys = statemap.for_loop(lambda: unit.step(jnp.ones(N)), length=T)
-    assert_tree_allclose(ys, jnp.stack([oracle.step(jnp.ones(N)) for _ in range(T)]), rtol=1e-5, atol=1e-5)
-    assert_states_equal(unit.states, oracle.states)
-    assert_distinct_rows(ys)
+    w = statemap.ParamState(jnp.float32(0.5), name="w")
+    h = statemap.HiddenState(jnp.float32(1), name="h")
+
+    def step():
+        h.value = h.value * w.value + 1
+        return h.value
+
+    expected, value = [], 1.0
+    for _ in range(T):
+        value = value * 0.5 + 1
+        expected.append(value)
+    assert_tree_allclose(statemap.for_loop(step, length=T), jnp.asarray(expected))
+    assert_tree_allclose(h.value, expected[-1])
 
 
 # fori_loop
@@ -282,7 +290,8 @@ def test_body_changing_a_state_shape_is_refused(loop):
     saved = snapshot([h, rng])
     with pytest.raises(
         StateTypeError,
-        match=rf"statemap.{loop}: HiddenState 'h'.*enters as float32\[3\] but leaves as float32\[4\]\. A loop body must leave",
+        match=rf"statemap.{loop}: HiddenState 'h'.*enters as float32\[3\] but leaves as float32\[4\]\. "
+        r"A loop body must leave",
     ):
         LOOPS[loop](body)
     assert_unchanged(saved)
@@ -296,7 +305,8 @@ def test_body_changing_a_state_dtype_is_refused(loop):
         count.value = count.value + 0.5
         return v
 
-    with pytest.raises(StateTypeError, match=rf"statemap.{loop}: ShortTermState 'count'.*enters as int32\[\] but leaves as float32\[\]"):
+    message = rf"statemap.{loop}: ShortTermState 'count'.*enters as int32\[\] but leaves as float32\[\]"
+    with pytest.raises(StateTypeError, match=message):
         LOOPS[loop](body)
     assert int(count.value) == 0
 
@@ -331,7 +341,8 @@ def test_body_creating_a_state_is_refused(loop):
         made.append(statemap.State(v, name="inner"))
         return v
 
-    with pytest.raises(TypeError, match=rf"statemap.{loop}: the body creates or returns State 'inner'.*Create the state outside"):
+    message = rf"statemap.{loop}: the body creates or returns State 'inner'.*Create the state outside"
+    with pytest.raises(TypeError, match=message):
         LOOPS[loop](body)
     assert_concrete(made)
 
@@ -373,7 +384,8 @@ def test_nested_loops_equal_nested_python_loops():
         return init
 
     xs = arr(T, N)
-    got = statemap.jit(lambda xs: statemap.scan(functools.partial(outer, unit, statemap.fori_loop), jnp.float32(0), xs))(xs)
+    body = functools.partial(outer, unit, statemap.fori_loop)
+    got = statemap.jit(lambda xs: statemap.scan(body, jnp.float32(0), xs))(xs)
     expected = python_scan(functools.partial(outer, oracle, python_fori), jnp.float32(0), xs)
     assert_tree_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert_states_equal(unit.states, oracle.states)
