@@ -469,7 +469,7 @@ def test_branches_writing_different_dtypes_raise_state_type_error():
         return jnp.float32(0)
 
     with pytest.raises(StateTypeError, match=r"statemap.switch: State 'hits'.*enters as int32\[\] but leaves as float32\[\].*Branch 1"):
-        statemap.switch(0, [one, half], )
+        statemap.switch(0, [one, half])
     assert int(hits.value) == 0
 
 

@@ -12,7 +12,8 @@ indices from the counter or the argument, so exact under any transform),
 The same description is interpreted twice:
 
 * through statemap's transforms, called bare, under ``statemap.jit``, or
-  mapped by ``statemap.vmap`` (alone, inside ``jit``, around ``jit``) or
+  mapped by ``statemap.vmap`` (alone, inside ``jit``, around ``jit``, as the
+  step of a ``statemap.for_loop``, which may itself be inside ``jit``) or
   ``statemap.pmap`` (``a``, ``p``, ``c`` split, ``q`` broadcast, per-lane keys);
 * eagerly: branches as Python ``if`` on concrete values, loops as Python
   loops, gradients by ``jax.grad`` with the parameter threaded explicitly,
@@ -171,10 +172,16 @@ class Jit:
     body: tuple
 
 
+# How the whole program is called: bare or under jit (the program sees one member), or
+# mapped over members (alone, inside or around jit, or as the step of a 2-step for_loop).
+OUTERS = ("bare", "jit", "vmap", "jit(vmap)", "vmap(jit)", "for_loop(vmap)", "jit(for_loop(vmap))", "pmap")
+STEPS = 2  # the steps of the for_loop outers
+
+
 @dataclass(frozen=True)
 class Program:
     ops: tuple
-    outer: str  # 'bare', 'jit', 'vmap', 'jit(vmap)', 'vmap(jit)', 'pmap'
+    outer: str  # one of OUTERS
     n: int  # lanes, for a mapping
     seed: int
     typed: bool
@@ -244,7 +251,7 @@ def _ops(depth: int) -> st.SearchStrategy:
 @st.composite
 def programs(draw: Any) -> Program:
     ops = tuple(draw(st.lists(_ops(2), min_size=1, max_size=5)))
-    outer = draw(st.sampled_from(["bare", "jit", "jit", "vmap", "jit(vmap)", "vmap(jit)", "pmap"]))
+    outer = draw(st.sampled_from(OUTERS))
     n = draw(st.integers(2, 4 if outer == "pmap" else 3))
     return Program(ops, outer, n, draw(st.integers(0, 2**16)), draw(st.booleans()))
 
@@ -456,7 +463,8 @@ def argument(prog: Program, call: int) -> Any:
     """Multiples of 1/4 in [-1.25, 1.25]: exact predicates and indices, some out of range."""
     rng = np.random.default_rng(prog.seed + 1000 * (call + 1))
     lanes = () if prog.outer in ("bare", "jit") else (prog.n,)
-    return jnp.asarray(rng.integers(-5, 6, (*lanes, N)) / 4, F32)
+    steps = (STEPS,) if "for_loop" in prog.outer else ()
+    return jnp.asarray(rng.integers(-5, 6, (*steps, *lanes, N)) / 4, F32)
 
 
 def transformed(prog: Program, m: Model) -> Any:
@@ -472,6 +480,10 @@ def transformed(prog: Program, m: Model) -> Any:
         return statemap.jit(statemap.vmap(fn, state_in_axes=split))
     if prog.outer == "vmap(jit)":
         return statemap.vmap(statemap.jit(fn), state_in_axes=split)
+    if prog.outer == "for_loop(vmap)":
+        return lambda xs: statemap.for_loop(statemap.vmap(fn, state_in_axes=split), xs)
+    if prog.outer == "jit(for_loop(vmap))":
+        return statemap.jit(lambda xs: statemap.for_loop(statemap.vmap(fn, state_in_axes=split), xs))
     assert prog.outer == "pmap"
     return statemap.pmap(fn, axis_name="d", devices=jax.devices()[: prog.n], state_in_axes=split)
 
@@ -480,6 +492,14 @@ def eager_call(prog: Program, m: Model, x: Any) -> Any:
     """The oracle: the same program, eagerly; a mapping one lane at a time on fresh states."""
     if prog.outer in ("bare", "jit"):
         return Interpreter(m, staged=False).program(prog.ops)(x)
+    if "for_loop" in prog.outer:
+        outs = [eager_lanes(prog, m, x[t]) for t in range(STEPS)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return eager_lanes(prog, m, x)
+
+
+def eager_lanes(prog: Program, m: Model, x: Any) -> Any:
+    """One mapped call, eagerly: each lane on fresh states holding its slice and its key."""
     new, keys = lane_keys(m.r.value, prog.n)
     outs, lanes = [], []
     for i in range(prog.n):
@@ -542,6 +562,6 @@ _EVERYTHING = (
 )
 
 
-@pytest.mark.parametrize("outer", ["bare", "jit(vmap)", "pmap"])
+@pytest.mark.parametrize("outer", ["bare", "jit(for_loop(vmap))", "pmap"])
 def test_every_transform_nested_in_one_program(outer):
     check(Program(_EVERYTHING, outer, 3, seed=7, typed=outer == "pmap"))
