@@ -422,3 +422,15 @@ def test_a_first_read_inside_raw_jax_is_an_input_of_the_plan():
         w.value = jnp.float32(value)
         assert_tree_allclose(step(jnp.float32(1)), 2 * value)
         assert_tree_allclose(loop(jnp.ones(2)), value**2)
+
+
+@pytest.mark.parametrize("api", ["statemap.vmap", "statemap.jit"])
+def test_a_read_only_transform_under_raw_grad_and_vmap_gives_jaxs_numbers(api):
+    w = statemap.ParamState(jnp.arange(1.0, N + 1), name="w")
+    layer = {"statemap.vmap": statemap.vmap, "statemap.jit": statemap.jit}[api](lambda x: jnp.sin(x) * w.value)
+    x = jnp.ones((LANES, N))
+    pure = lambda x: jnp.sin(x) * jnp.arange(1.0, N + 1)  # noqa: E731
+    assert_tree_allclose(jax.grad(lambda x: layer(x).sum())(x), jax.grad(lambda x: pure(x).sum())(x))
+    assert_tree_allclose(jax.vmap(layer)(jnp.stack([x, 2 * x])), jax.vmap(pure)(jnp.stack([x, 2 * x])))
+    w.value = jnp.ones(N)  # no cached program holds the old weights
+    assert_tree_allclose(jax.grad(lambda x: layer(x).sum())(x), jnp.cos(x))
