@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import warnings
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from ._plan import Plan
 from ._state import State
 
-__all__ = ["PlanCache"]
+__all__ = ["PlanCache", "shared_plans"]
 
 
 class PlanCache:
@@ -19,10 +21,12 @@ class PlanCache:
     refer to states weakly; when a state dies, every plan that reads it goes.
     """
 
-    def __init__(self, max_signatures: int = 64, plans_per_signature: int = 4):
+    def __init__(self, max_signatures: int = 4096, plans_per_signature: int = 4, owner: str = "a transform"):
         self._plans: collections.OrderedDict[Hashable, list[Plan]] = collections.OrderedDict()
         self._max_signatures = max_signatures
         self._plans_per_signature = plans_per_signature
+        self._owner = owner
+        self._warned = False
         # Set by weakref callbacks, which may run in any thread at any time;
         # the pruning itself happens in the calling thread, under its lock.
         self._dead = False
@@ -50,6 +54,7 @@ class PlanCache:
         self._plans.move_to_end(key)
         while len(self._plans) > self._max_signatures:
             self._plans.popitem(last=False)
+            self._warn_full()
 
     def promote(self, key: Hashable, plan: Plan) -> None:
         """Try ``plan`` first for ``key`` from now on."""
@@ -70,6 +75,20 @@ class PlanCache:
         """A weak reference to ``state`` that prunes dead plans when it dies."""
         return weakref.ref(state, self._died)
 
+    def _warn_full(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"{self._owner} has seen more than {self._max_signatures} call signatures (argument "
+            f"shapes, dtypes and static values); the least recently used plans are dropped and "
+            f"will be traced and compiled again. If the signatures repeat, raise the capacity "
+            f"(`statemap.StatefulTransform.plan_capacity = n`, before building the transform); "
+            f"if they keep changing (a new batch size every call), pad inputs to a few sizes.",
+            UserWarning,
+            stacklevel=4,
+        )
+
     def _died(self, _: weakref.ref) -> None:
         self._dead = True
 
@@ -81,3 +100,27 @@ class PlanCache:
                 self._plans[key] = alive
             else:
                 del self._plans[key]
+
+
+# Plan caches by function identity, then by the transform's type and options:
+# a transform rebuilt around the same function with the same options (the
+# ``statemap.vmap(f)(x)``-inside-a-step idiom) reuses the earlier one's plans,
+# as ``jax.jit(f)`` does. Identity, not equality: two objects that compare
+# equal may close over different states.
+_SHARED: dict[int, dict[Hashable, PlanCache]] = {}
+
+
+def shared_plans(fn: Callable[..., Any], options: Hashable, make: Callable[[], PlanCache]) -> PlanCache:
+    """The plan cache of transforms of ``fn`` with ``options``; a private one if they cannot be keyed."""
+    by_options = _SHARED.get(id(fn))
+    try:
+        hash(options)
+        if by_options is None:
+            weakref.finalize(fn, _SHARED.pop, id(fn), None)
+            by_options = _SHARED[id(fn)] = {}
+    except TypeError:  # unhashable options, or a function without weak references
+        return make()
+    cache = by_options.get(options)
+    if cache is None:
+        cache = by_options[options] = make()
+    return cache

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +70,9 @@ class LaxMapMapping(StatefulMapping):
             unexpected_out_state_mapping=unexpected_out_state_mapping,
         )
         self.batch_size = batch_size
+
+    def _options(self) -> Hashable:
+        return (super()._options(), self.batch_size)
 
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         size = spec.axis_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -166,6 +167,18 @@ class StatefulMapping(StatefulTransform):
         """
         return jax.random.fold_in(key, lane_index)
 
+    def _options(self) -> Hashable:
+        return (
+            super()._options(),
+            _hashable_axes(self.in_axes),
+            _hashable_axes(self.out_axes),
+            self.axis_name,
+            self.axis_size,
+            self.state_in_axes,
+            self.state_out_axes,
+            self.policy,
+        )
+
     def _entries(self, call: Call) -> Decide:
         return MappedEntries(self.api, self.state_in_axes, call.state_arg_axes)
 
@@ -196,7 +209,10 @@ class StatefulMapping(StatefulTransform):
     ) -> Plan:
         ins = list(recorder.inputs.values())
         in_axes = (*call.leaf_axes, *state_in_axes_per_leaf(ins))
-        lane_fn = make_lane_fn(lane, len(call.leaves), ins, self._lane_key)
+        # Plans are shared by every mapping of the same function (see _cache.py):
+        # they must not keep this one alive.
+        lane_key = functools.partial(type(self)._lane_key, weakref.proxy(self))
+        lane_fn = make_lane_fn(lane, len(call.leaves), ins, lane_key)
         user_avals = lane.out_avals[: outputs.num_user_leaves]
         user_axes = normalise_out_axes(self.api, self._user_out_axes(outputs), user_avals)
         inputs = [*call.leaves, *(leaf for value in recorder.before.values() for leaf in jax.tree.leaves(value))]
@@ -211,3 +227,8 @@ class StatefulMapping(StatefulTransform):
         tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))
         axes = leaf_axes(self.api, "out_axes", self.out_axes, tree, "outputs")
         return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
+
+
+def _hashable_axes(axes: Any) -> Hashable:
+    leaves, treedef = jax.tree.flatten(axes, is_leaf=lambda x: x is None)
+    return tuple(leaves), treedef

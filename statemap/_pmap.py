@@ -91,7 +91,12 @@ class PMapMapping(StatefulMapping):
         self.devices = devices
         self.backend = backend
 
+    def _options(self) -> Hashable:
+        return (super()._options(), None if self.devices is None else tuple(self.devices), self.backend)
+
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
+        devices, backend = self.devices, self.backend  # the program must not keep the mapping alive
+
         def lane(*inputs: Any) -> list[Any]:
             return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)
 
@@ -101,17 +106,17 @@ class PMapMapping(StatefulMapping):
                 axis_name=spec.axis_name,
                 in_axes=in_axes,
                 out_axes=spec.out_axes,
-                devices=self.devices,
-                backend=self.backend,
+                devices=devices,
+                backend=backend,
                 donate_argnums=donated,
             )
 
-        first_device = (self.devices or jax.local_devices(backend=self.backend))[0]
+        first_device = (devices or jax.local_devices(backend=backend))[0]
         if any(axis is not None for axis in spec.in_axes):
             return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, spec.axis_size, first_device)
         # jax.pmap needs a mapped input even with axis_size: give it the lane
         # indices, sharded once so that calls do not copy them to the devices.
-        indices = jax.pmap(lambda i: i, devices=self.devices, backend=self.backend)(jnp.arange(spec.axis_size))
+        indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(spec.axis_size))
         program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
         return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, spec.axis_size, first_device)
 

@@ -82,6 +82,9 @@ class ShardMapMapping(StatefulMapping):
         self.mesh = _mesh(self.api, mesh, devices, self._lane_axis)
         self.devices = devices
 
+    def _options(self) -> Hashable:
+        return (super()._options(), self.mesh)
+
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         name = spec.axis_name
 

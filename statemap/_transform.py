@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 import warnings
 import weakref
@@ -11,7 +12,7 @@ from typing import Any
 
 import jax
 
-from ._cache import PlanCache
+from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
 from ._explain import Explanation
@@ -58,6 +59,8 @@ class StatefulTransform(abc.ABC):
 
     api: str = "statemap.StatefulTransform"
     static_argnums_name: str = "static_argnums"
+    plan_capacity: int = 4096
+    """Call signatures whose plans a transform keeps (least recently used out, with a warning)."""
     in_axes: Any = None
     axis_size: int | None = None
 
@@ -75,13 +78,23 @@ class StatefulTransform(abc.ABC):
         self.static_argnums = _argnums(self.api, self.static_argnums_name, static_argnums)
         self.static_argnames = _argnames(self.api, static_argnames)
         self.donate_argnums = _argnums(self.api, "donate_argnums", donate_argnums)
-        self._plans = PlanCache()
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", type(self).__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.__name__})"
+
+    @functools.cached_property
+    def _plans(self) -> PlanCache:
+        """The plans of every transform of ``fn`` of this type with these options."""
+        owner = f"{self.api} of {self.__name__!r}"
+        make = functools.partial(PlanCache, self.plan_capacity, owner=owner)
+        return shared_plans(self.fn, (type(self), self.plan_capacity, self._options()), make)
+
+    def _options(self) -> Hashable:
+        """Everything besides ``fn`` that shapes a plan; subclasses extend it."""
+        return (self.static_argnums, self.static_argnames, self.donate_argnums)
 
     # Hooks for subclasses.
 

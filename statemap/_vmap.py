@@ -61,6 +61,9 @@ class VMapMapping(StatefulMapping):
         )
         self.spmd_axis_name = spmd_axis_name
 
+    def _options(self) -> Hashable:
+        return (super()._options(), self.spmd_axis_name)
+
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         def lane(*inputs: Any) -> list[Any]:
             return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)

@@ -140,23 +140,59 @@ def test_refused_and_failing_calls_do_not_grow_anything():
     assert_unchanged(saved)
 
 
-def test_the_plan_cache_is_bounded_over_many_signatures():
+def test_the_plan_cache_is_bounded_over_many_signatures(monkeypatch):
+    monkeypatch.setattr(statemap.VMapMapping, "plan_capacity", 64)
     fn = Counted(lambda x: x * 2)
     m = statemap.vmap(fn)
     sizes = []
     # NumPy arguments and explain(): new signatures are traced but never compiled.
-    for n in range(1, 301):
-        m.explain(np.zeros((n,), np.float32))
-        sizes.append(plan_count(m))
+    with pytest.warns(UserWarning, match=r"statemap\.vmap of .* has seen more than 64 call signatures") as seen:
+        for n in range(1, 301):
+            m.explain(np.zeros((n,), np.float32))
+            sizes.append(plan_count(m))
+    assert len(seen) == 1  # once per cache, not once per eviction
     assert fn.runs == 300
-    bound = max(sizes)
-    assert bound < 300
-    assert sizes[-100:] == [bound] * 100  # full, and never above its bound
+    assert max(sizes) == 64
+    assert sizes[-100:] == [64] * 100  # full, and never above its bound
     m.explain(np.zeros((300,), np.float32))  # the newest signature is kept
     assert fn.runs == 300
     m.explain(np.zeros((1,), np.float32))  # the oldest was evicted
     assert fn.runs == 301
-    assert plan_count(m) == bound
+    assert plan_count(m) == 64
+
+
+def test_a_mapping_rebuilt_around_the_same_function_reuses_its_plans():
+    fn = Counted(lambda x: x * 2)
+    for _ in range(3):
+        np.testing.assert_allclose(statemap.vmap(fn)(jnp.ones(4)), 2.0)
+    assert fn.runs == 1
+    statemap.vmap(fn, in_axes=0, out_axes=0)(jnp.ones(4))  # the same options, spelled out
+    assert fn.runs == 1
+    statemap.vmap(fn, axis_name="other")(jnp.ones(4))  # other options: its own plans
+    assert fn.runs == 2
+    statemap.map(fn, jnp.ones(4), batch_size=2)
+    statemap.map(fn, jnp.ones(4), batch_size=2)
+    assert fn.runs == 3
+
+
+def test_equal_but_distinct_functions_never_share_plans():
+    scales = [statemap.State(jnp.float32(2.0)), statemap.State(jnp.float32(3.0))]
+
+    class Scale:
+        def __init__(self, i):
+            self.i = i
+
+        def __eq__(self, other):
+            return True
+
+        def __hash__(self):
+            return 0
+
+        def __call__(self, x):
+            return x * scales[self.i].value
+
+    np.testing.assert_allclose(statemap.vmap(Scale(0))(jnp.ones(2)), 2.0)
+    np.testing.assert_allclose(statemap.vmap(Scale(1))(jnp.ones(2)), 3.0)
 
 
 def test_the_plans_of_one_signature_are_bounded_over_many_state_shapes():
@@ -261,14 +297,9 @@ def test_mappings_built_and_dropped_in_a_loop_are_freed():
     assert not any(ref() for ref in mappings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: each lane trace binds an axis unique to it (docs/design.rst), so "
-    "JAX's caches keep entries per trace; warm calls are flat, build mappings once",
-)
 def test_mappings_built_and_dropped_in_a_loop_do_not_grow_memory():
     # Nothing of a dropped mapping may stay behind, in statemap or in JAX's
-    # caches: a cost per trace that is never reclaimed grows without bound in a
-    # loop that builds mappings or changes shapes.
+    # caches: a mapping rebuilt around the same function reuses the plans of
+    # the earlier one, so the loop traces once.
     _, kept = build_and_drop_mappings(50)
     assert kept < 8 * 1024, f"{kept / 1024:.1f} KiB kept per traced mapping"

@@ -1354,12 +1354,14 @@ def test_no_plan_keeps_a_dead_created_state_alive():
     assert_tree_allclose(m(arr(B)).value, arr(B))
 
 
-def test_the_plan_cache_is_bounded():
+def test_the_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(statemap.VMapMapping, "plan_capacity", 100)
     fn = counted(lambda x: x)
     m = statemap.vmap(fn)
     # numpy arguments: building 200 jax arrays of new shapes would compile 200 programs.
-    for n in range(1, 201):
-        m.explain(np.zeros((n,), np.float32))
+    with pytest.warns(UserWarning, match=r"more than 100 call signatures.*`statemap\.StatefulTransform\.plan_capacity"):
+        for n in range(1, 201):
+            m.explain(np.zeros((n,), np.float32))
     assert fn.runs == 200
     m.explain(np.zeros((200,), np.float32))  # the newest signature is kept
     assert fn.runs == 200
