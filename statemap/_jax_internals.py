@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
+from jax._src.interpreters import batching
 from jax._src.interpreters import partial_eval as pe
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "fast_aval",
     "trace_lane",
     "under_staging_trace",
+    "vmap_batched",
 ]
 
 Aval = Any
@@ -184,3 +186,30 @@ def fast_aval(x: Any) -> Any:
     """The abstract value of ``x``; ``.aval`` is undocumented but 30x faster than ``jax.typeof``."""
     aval = getattr(x, "aval", None)
     return jax.typeof(x) if aval is None else aval
+
+
+def vmap_batched(
+    fn: Callable[..., Sequence[Any]],
+    inputs: Sequence[Any],
+    in_axes: Sequence[int | None],
+    axis_name: Hashable,
+    axis_size: int,
+) -> list[bool]:
+    """Which outputs of ``jax.vmap(fn)`` vary along the mapped axis, by JAX's batching rules.
+
+    One trace under ``jax.eval_shape``: nothing is compiled or run. An output
+    is batched when it is a tracer of this vmap carrying its axis; values that
+    do not depend on mapped inputs (and ``psum`` results) are not.
+    """
+    flags: list[bool] = []
+
+    def probe(*xs: Any) -> list[Any]:
+        trace = core.trace_ctx.trace
+        flags.extend(
+            isinstance(x, batching.BatchTracer) and x._trace is trace and x.batch_dim is not None for x in fn(*xs)
+        )
+        return []
+
+    mapped = jax.vmap(probe, in_axes=tuple(in_axes), out_axes=None, axis_name=axis_name, axis_size=axis_size)
+    jax.eval_shape(mapped, *inputs)
+    return flags

@@ -11,6 +11,7 @@ import attrs
 import jax
 
 from ._catalogue import StateIn
+from ._jax_internals import vmap_batched
 from ._state import State
 
 __all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
@@ -129,42 +130,14 @@ def batched_outputs(
 ) -> set[int]:
     """Which ``candidates`` outputs of the mapped ``lane_fn`` vary across lanes.
 
-    JAX decides, with public API only: ``jax.vmap(..., out_axes=None)`` rejects
-    a batched output at trace time, and ``jax.eval_shape`` traces without
-    compiling. Groups that fail are bisected down to single outputs. The
-    rejection is told from other errors without reading JAX's message: the
-    first time a group fails, the same trace with ``out_axes=0`` must pass
-    (otherwise its error is the real one, raised with the first chained).
+    JAX decides: one trace of ``jax.vmap`` under ``jax.eval_shape`` (nothing
+    is compiled or run) reports which outputs carry the mapped axis, so the
+    cost is one trace however many states are written.
     """
-    verified: list[bool] = []
 
-    def traced(chosen: Sequence[int], out_axes: int | None) -> None:
-        def pick(*xs: Any) -> list[Any]:
-            outs = lane_fn(jax.lax.axis_index(axis_name), *xs)
-            return [outs[i] for i in chosen]
+    def pick(*xs: Any) -> list[Any]:
+        outs = lane_fn(jax.lax.axis_index(axis_name), *xs)
+        return [outs[i] for i in candidates]
 
-        mapped = jax.vmap(pick, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name, axis_size=axis_size)
-        jax.eval_shape(mapped, *inputs)
-
-    def probe(chosen: Sequence[int]) -> bool:
-        try:
-            traced(chosen, None)
-        except ValueError as err:
-            if not verified:
-                try:
-                    traced(candidates, 0)
-                except Exception as real:
-                    raise real from err
-                verified.append(True)
-            return True
-        return False
-
-    def search(chosen: Sequence[int]) -> set[int]:
-        if not chosen or not probe(chosen):
-            return set()
-        if len(chosen) == 1:
-            return {chosen[0]}
-        half = len(chosen) // 2
-        return search(chosen[:half]) | search(chosen[half:])
-
-    return search(list(candidates))
+    flags = vmap_batched(pick, inputs, in_axes, axis_name, axis_size)
+    return {i for i, batched in zip(candidates, flags) if batched}

@@ -67,3 +67,23 @@ def test_effects_are_reported():
 def test_fast_aval_matches_typeof():
     for x in (jnp.ones((2, 3)), np.ones(4, np.int32), 1.5, 3):
         assert internals.fast_aval(x) == jax.typeof(x)
+
+
+def test_vmap_batched_tells_which_outputs_carry_the_axis_in_one_trace():
+    traces = []
+
+    def fn(x, w):
+        traces.append(1)
+        return [x * w, w + 1, jax.lax.psum(x, "i"), x.sum() * 0 + jax.lax.axis_index("i")]
+
+    flags = internals.vmap_batched(fn, [jnp.ones((4, 3)), jnp.ones(3)], (0, None), "i", 4)
+    assert flags == [True, False, False, True]
+    assert len(traces) == 1
+
+
+def test_under_staging_trace():
+    assert not internals.under_staging_trace()
+    seen = []
+    jax.jit(lambda x: seen.append(internals.under_staging_trace()) or x)(1.0)
+    jax.vmap(lambda x: seen.append(internals.under_staging_trace()) or x)(jnp.ones(2))
+    assert seen == [True, False]
