@@ -22,10 +22,12 @@ def _label(state: State) -> str:
     return name
 
 
-def _enters(entry: StateIn) -> str:
+def _enters(entry: StateIn, lanes: bool) -> str:
     if entry.entry is Entry.SPLIT:
         return f"split on axis {entry.axis}"
-    return "per-lane key" if entry.entry is Entry.LANE_KEY else "broadcast"
+    if entry.entry is Entry.LANE_KEY:
+        return "per-lane key"
+    return "broadcast" if lanes else "input"
 
 
 def _leaves(out: StateOut | None, policy_note: str) -> str:
@@ -56,12 +58,14 @@ class Explanation:
       function: the mapped function's name.
       plan: the plan the call will run.
       extra: additional lines (devices, for pmap).
+      lanes: whether the transform maps over lanes (a mapping) or not (``jit``).
     """
 
     api: str
     function: str
     plan: Plan
     extra: list[str]
+    lanes: bool = True
 
     @property
     def states(self) -> tuple[State, ...]:
@@ -92,14 +96,16 @@ class Explanation:
                 rows.append((_label(state), "not read", "returned", _object(state)))
             else:
                 leaves = _leaves(outs.get(id(state)), "see the call's error")
-                rows.append((_label(state), _enters(entry), leaves, _object(state)))
+                rows.append((_label(state), _enters(entry, self.lanes), leaves, _object(state)))
         for proto, out in zip(plan.prototypes, plan.made):
             rows.append((f"{_label(proto)} (new)", "created inside", _leaves(out, ""), "new each call"))
         return rows
 
     def __str__(self) -> str:
         plan = self.plan
-        head = f"{self.api} plan for {self.function}: {plan.axis_size} lanes (axis size from {plan.size_origin})"
+        head = f"{self.api} plan for {self.function}"
+        if self.lanes:
+            head += f": {plan.axis_size} lanes (axis size from {plan.size_origin})"
         rows = [("state", "enters", "leaves", "object"), *self.rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head, *self.extra]

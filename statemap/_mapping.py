@@ -95,6 +95,7 @@ class StatefulMapping(StatefulTransform):
 
     api: str = "statemap.StatefulMapping"
     default_size_origin: str = "the mapping's default"
+    has_lanes = True
 
     def __init__(
         self,

@@ -59,6 +59,7 @@ class StatefulTransform(abc.ABC):
 
     api: str = "statemap.StatefulTransform"
     static_argnums_name: str = "static_argnums"
+    has_lanes: bool = False
     plan_capacity: int = 4096
     """Call signatures whose plans a transform keeps (least recently used out, with a warning)."""
     in_axes: Any = None
@@ -141,10 +142,10 @@ class StatefulTransform(abc.ABC):
           >>> import statemap
           >>> h = statemap.HiddenState(jnp.zeros((4, 2)), name='h')
           >>> step = statemap.vmap(lambda x: h.value + x, state_in_axes=statemap.HiddenState)
-          >>> print(step.explain(jnp.ones((4, 2))))  # doctest: +NORMALIZE_WHITESPACE
+          >>> print(step.explain(jnp.ones((4, 2))))  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
           statemap.vmap plan for <lambda>: 4 lanes (axis size from argument args[0], axis 0)
-          state                     enters           leaves
-          HiddenState 'h' (4, 2)    split on axis 0  unchanged
+          state                   enters           leaves     object
+          HiddenState 'h' (4, 2)  split on axis 0  unchanged  0x...
         """
         call = Call(self, args, kwargs)
         with _CALL_LOCK:
@@ -152,7 +153,7 @@ class StatefulTransform(abc.ABC):
             if plan is None:
                 plan, _ = self._build(call)
                 self._plans.add(call.key, plan)
-        return Explanation(self.api, self.__name__, plan, self._explain_lines(plan))
+        return Explanation(self.api, self.__name__, plan, self._explain_lines(plan), self.has_lanes)
 
     def _trace(
         self, call: Call, sizes: SizeSources, axis_name: Hashable | None, hint: int | None
