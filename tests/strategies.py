@@ -1226,54 +1226,61 @@ STATIC_VALUES = (2, 2.0, True, 1, 1.0, False)
 
 @dataclass(frozen=True)
 class KeyState:
-    """A scalar state: its kind ('int' or 'float'), its value form per call, whether the lane writes it.
+    """A scalar state: its kind ('int' or 'float'), its first value's form, whether the lane writes it.
 
     Forms: 'weak' (a Python number), 'strong' (a JAX scalar of the kind's
-    32-bit dtype), 'none' (the lane initialises it lazily) or 'keep' (what
-    the previous call left, weak if it was weak; a Python number at first).
+    32-bit dtype) or 'none' (the lane initialises it lazily).
     """
 
     kind: str
-    forms: tuple[str, ...]
+    form: str
     writes: bool
 
 
 @dataclass(frozen=True)
 class KeyProgram:
+    """A lane over scalar states and a static argument, called once, then once per change.
+
+    Each change alters one thing the plan key must cover and keeps the rest,
+    so the warm call finds the previous plan and must not reuse it wrongly:
+    ``('form', j, form)`` gives state j a new value of that form, ``('static',
+    value)`` a new static value (often equal to the old one, of another type),
+    ``('swap',)`` a new State object as the argument state, ``('same',)``
+    nothing (the states keep what the last call wrote).
+    """
+
     n: int
     arg_dtype: str
     states: tuple[KeyState, ...]
-    statics: tuple[Any, ...]  # the static argument of each call
+    static: Any
+    changes: tuple[tuple[Any, ...], ...]
     by_name: bool  # the static argument is passed by keyword (``static_argnames``)
-    swap_arg_state: tuple[bool, ...]  # per call: pass a new State object as the argument state
-
-    @property
-    def calls(self) -> int:
-        return len(self.statics)
 
 
 @st.composite
 def key_programs(draw: Any) -> KeyProgram:
-    calls = draw(st.integers(2, 3))
-    forms = st.sampled_from(["weak", "strong", "none", "keep"])
+    forms = st.sampled_from(["weak", "strong", "none"])
     states = tuple(
-        KeyState(draw(st.sampled_from(["int", "float"])), tuple(draw(forms) for _ in range(calls)), draw(st.booleans()))
-        for _ in range(draw(st.integers(1, 3)))
+        KeyState(draw(st.sampled_from(["int", "float"])), draw(forms), draw(st.booleans()))
+        for _ in range(draw(st.integers(1, 2)))
+    )
+    change = st.one_of(
+        st.tuples(st.just("form"), st.integers(0, len(states) - 1), forms),
+        st.tuples(st.just("static"), st.sampled_from(STATIC_VALUES)),
+        st.sampled_from([("swap",), ("same",)]),
     )
     return KeyProgram(
         n=draw(st.integers(1, 3)),
         arg_dtype=draw(st.sampled_from(ARG_DTYPES)),
         states=states,
-        statics=tuple(draw(st.sampled_from(STATIC_VALUES)) for _ in range(calls)),
+        static=draw(st.sampled_from(STATIC_VALUES)),
+        changes=tuple(draw(st.lists(change, min_size=1, max_size=3))),
         by_name=draw(st.booleans()),
-        swap_arg_state=tuple(draw(st.booleans()) for _ in range(calls)),
     )
 
 
-def key_value(state: KeyState, form: str, call: int, current: Any) -> Any:
-    """The value the host gives ``state`` before ``call`` (``current``: what it holds)."""
-    if form == "keep":
-        return key_value(state, "weak", call, None) if call == 0 else current
+def key_value(state: KeyState, form: str, call: int) -> Any:
+    """A value of ``form`` for ``state``, different on every call."""
     if form == "none":
         return None
     number = call + 3 if state.kind == "int" else call + 0.5

@@ -420,23 +420,27 @@ def assert_same_leaf(actual: Any, expected: Any, what: str, exact: bool) -> None
 @profile("keys")
 @given(key_programs())
 def test_warm_calls_match_cold_calls_when_the_plan_key_changes(prog: KeyProgram) -> None:
-    states = [statemap.State(None, name=f"s{j}") for j in range(len(prog.states))]
+    states = [statemap.State(key_value(d, d.form, 0), name=f"s{j}") for j, d in enumerate(prog.states)]
     mapping = key_mapping(prog, states)
     s_arg = statemap.State(jnp.float32(1.0), name="arg")
-    for call in range(prog.calls):
-        for state, s in zip(prog.states, states):
-            s.value = key_value(state, state.forms[call], call, s.value)
-        if prog.swap_arg_state[call]:
-            event("keys: a new State object as the argument")
+    k = prog.static
+    for call, change in enumerate((("same",), *prog.changes)):
+        event(f"keys: change {change[0]}")
+        if change[0] == "form":
+            _, j, form = change
+            states[j].value = key_value(prog.states[j], form, call)
+        elif change[0] == "static":
+            k = change[1]
+        elif change[0] == "swap":
             s_arg = statemap.State(s_arg.value, name="arg")
-        x, k = key_argument(prog, call), prog.statics[call]
+        x = key_argument(prog, call)
         values, arg_value = [s.value for s in states], s_arg.value
         cold_states = [statemap.State(v) for v in values]
         cold_arg = statemap.State(arg_value)
         cold = key_call(prog, key_mapping(prog, cold_states), x, k, cold_arg)
         warm = key_call(prog, mapping, x, k, s_arg)
         want, want_values, want_arg = key_oracle(prog, x, k, values, arg_value)
-        when = f"call {call} (k={k!r}, forms {[s.forms[call] for s in prog.states]})"
+        when = f"call {call} after {change} (k={k!r})"
         assert_same_leaf(warm, cold, f"{when}: output, warm vs cold", exact=True)
         assert_same_leaf(warm, want, f"{when}: output vs jax.vmap", exact=False)
         for j, (s, c, w) in enumerate(zip(states, cold_states, want_values)):
