@@ -198,8 +198,10 @@ def grad(
     Args:
       fn: returns a scalar loss (or ``(loss, aux)`` with ``has_aux``).
       grad_states: a ``State``, a list/tuple/dict of States (gradients come in
-        the same structure), or a filter (gradients come as a dict from each
-        selected state the function reads to its gradient, in first-touch order).
+        the same structure; a state named twice gets its gradient twice), or a
+        filter (gradients come as a dict from each selected floating-point state
+        the function reads to its gradient, in first-touch order; counters and
+        keys have no gradient and are left out).
       argnums: positional arguments to differentiate, as in ``jax.grad``; with
         neither this nor ``grad_states``, argument 0.
       has_aux: the function returns ``(loss, aux)``.
@@ -211,8 +213,10 @@ def grad(
       both states and arguments are differentiated. Without ``fn``, a decorator.
 
     Raises:
-      TypeError: for a bad argument, or a loss that is not a float scalar.
-      ValueError: if ``grad_states`` selects no state the function reads.
+      TypeError: for a bad argument (``argnums`` repeated or out of range, a
+        State in ``grad_states`` that is not floating-point), or a loss that is
+        not a float scalar.
+      ValueError: if ``grad_states`` selects no floating-point state the function reads.
 
     Example:
       >>> import jax.numpy as jnp
