@@ -8,6 +8,7 @@ from typing import Any, TypeVar, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._plan import Plan
@@ -111,14 +112,19 @@ class PMapMapping(StatefulMapping):
                 donate_argnums=donated,
             )
 
-        first_device = (devices or jax.local_devices(backend=backend))[0]
+        lanes = list(devices or jax.local_devices(backend=backend)[: spec.axis_size])
+        # Where jax.pmap leaves its outputs: inputs placed there from the first
+        # call on compile once, and a state written by one call is in place for the next.
+        mesh = Mesh(np.array(lanes), (spec.axis_name,))
+        homes = [NamedSharding(mesh, _partition(a, spec.axis_name)) for a in spec.in_axes]
+        first_device = lanes[0]
         if any(axis is not None for axis in spec.in_axes):
-            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, spec.axis_size, first_device)
+            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, spec.axis_size, first_device, homes)
         # jax.pmap needs a mapped input even with axis_size: give it the lane
         # indices, sharded once so that calls do not copy them to the devices.
         indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(spec.axis_size))
         program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
-        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, spec.axis_size, first_device)
+        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, spec.axis_size, first_device, homes)
 
     def _device_count(self) -> int:
         return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
@@ -153,7 +159,11 @@ class PMapMapping(StatefulMapping):
 
 
 def _placing(
-    program: Callable[..., Sequence[Any]], in_axes: Sequence[int | None], size: int, device: jax.Device
+    program: Callable[..., Sequence[Any]],
+    in_axes: Sequence[int | None],
+    size: int,
+    device: jax.Device,
+    homes: Sequence[NamedSharding],
 ) -> Callable[..., Sequence[Any]]:
     """``program``, first moving the inputs ``jax.pmap`` would reject to where it takes them.
 
@@ -167,7 +177,7 @@ def _placing(
     def run(*inputs: Any) -> Sequence[Any]:
         if any(_misplaced(x, axis, size) for x, axis in zip(inputs, in_axes)):
             inputs = tuple(_placed(x, axis, size, device) for x, axis in zip(inputs, in_axes))
-        return program(*inputs)
+        return program(*(_at_home(x, home) for x, home in zip(inputs, homes)))
 
     return run
 
@@ -186,6 +196,20 @@ def _misplaced(x: Any, axis: int | None, size: int) -> bool:
         return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
     one_slice = (*x.shape[:axis], 1, *x.shape[axis + 1 :])
     return len(sharding.device_set) != size or tuple(sharding.shard_shape(x.shape)) != one_slice
+
+
+def _partition(axis: int | None, name: Hashable) -> PartitionSpec:
+    return PartitionSpec() if axis is None else PartitionSpec(*[None] * axis, name)
+
+
+def _at_home(x: Any, home: NamedSharding) -> Any:
+    """``x`` where ``jax.pmap`` leaves outputs like it; tracers and other placements pass as they are."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    if isinstance(x, jax.Array) and x.is_deleted():
+        # jax.pmap's fast path crashes the process on a deleted buffer (jax 0.10.2).
+        raise RuntimeError("statemap.pmap: an input Array has been deleted (donated to an earlier call?).")
+    return x if isinstance(x, jax.Array) and x.committed else jax.device_put(x, home)
 
 
 def _placed(x: Any, axis: int | None, size: int, device: jax.Device) -> Any:
