@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
@@ -158,11 +159,16 @@ class _Placed:
     def place(self, i: int, x: Any, sharding: NamedSharding) -> Any:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.sharding == sharding:
             return x
-        source, copy = self.copies.get(i, (None, None))
-        if source is None or source() is not x or x.is_deleted():
-            copy = jax.device_put(x, sharding)
-            self.copies[i] = (weakref.ref(x, lambda _, i=i: self.copies.pop(i, None)), copy)
+        kept = self.copies.get(i)
+        if kept is not None and not x.is_deleted() and kept[0]() is x:
+            return kept[1]
+        copy = jax.device_put(x, sharding)
+        self.copies[i] = (weakref.ref(x, functools.partial(self.forget, i)), copy)
         return copy
+
+    def forget(self, i: int, source: weakref.ref[Any]) -> None:
+        """Drop the copy of input ``i`` once its source is gone."""
+        self.copies.pop(i, None)
 
 
 def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable) -> Mesh:
