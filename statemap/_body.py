@@ -24,7 +24,7 @@ from ._state import State, current_watcher, describe, drop_watcher, pop_watcher,
 from ._transform import baked_error, tracer_error
 from .errors import StateTypeError
 
-__all__ = ["Body", "check_same_types", "sliced", "strong", "trace_body", "write_back"]
+__all__ = ["Body", "check_same_structure", "check_same_types", "sliced", "strong", "trace_body", "write_back"]
 
 # The slot's setter, called from C: a write-back of several states is one C-level
 # loop, so an interrupt never lands between two writes.
@@ -41,6 +41,7 @@ class Body:
       states: the states it reads or writes, in the jaxpr's input order.
       values: each state's value outside the function, as the caller sees it.
       written: the states it writes, in output order.
+      written_trees: the structure of each written value.
       out_tree: the structure of what it returns.
       num_out: how many leaves it returns.
     """
@@ -50,6 +51,7 @@ class Body:
     states: tuple[State, ...]
     values: tuple[Any, ...]
     written: tuple[State, ...]
+    written_trees: tuple[Any, ...]
     out_tree: Any
     num_out: int
 
@@ -57,10 +59,9 @@ class Body:
     def written_avals(self) -> list[list[Any]]:
         """The avals of each written state's leaves, as the function leaves them."""
         avals, pos = [], self.num_out
-        for state in self.written:
-            n = len(jax.tree.leaves(self.value_of(state)))
-            avals.append(self.lane.out_avals[pos : pos + n])
-            pos += n
+        for treedef in self.written_trees:
+            avals.append(self.lane.out_avals[pos : pos + treedef.num_leaves])
+            pos += treedef.num_leaves
         return avals
 
     def value_of(self, state: State) -> Any:
@@ -73,11 +74,9 @@ class Body:
         outs = eval_lane(self.lane, flat)
         out = jax.tree.unflatten(self.out_tree, outs[: self.num_out])
         written, pos = [], self.num_out
-        for state in self.written:
-            treedef = jax.tree.structure(self.value_of(state))
-            n = treedef.num_leaves
-            written.append(jax.tree.unflatten(treedef, outs[pos : pos + n]))
-            pos += n
+        for treedef in self.written_trees:
+            written.append(jax.tree.unflatten(treedef, outs[pos : pos + treedef.num_leaves]))
+            pos += treedef.num_leaves
         return out, written
 
 
@@ -118,6 +117,7 @@ def trace_body(api: str, fn: Callable[..., Any], args: Sequence[Any], what: str 
         states=states,
         values=tuple(recorder.before.values()),
         written=tuple(s for s, _, _ in outputs.written),
+        written_trees=tuple(treedef for _, treedef, _ in outputs.written),
         out_tree=outputs.out_tree,
         num_out=outputs.num_user_leaves,
     )
@@ -145,7 +145,8 @@ def sliced(x: Any) -> Any:
 
 def strong(x: Any) -> Any:
     """``x`` without a weak type, so a loop carry keeps one type from step to step."""
-    return jax.lax.convert_element_type(x, x.dtype) if _aval(x).weak_type else x
+    aval = _aval(x)
+    return jax.lax.convert_element_type(x, aval.dtype) if aval.weak_type else x
 
 
 def _aval(x: Any) -> Any:
@@ -164,6 +165,12 @@ def _check_no_states(api: str, what: str, out: Any, recorder: LaneRecorder) -> N
             f"carried out of a loop, branch or gradient. Create the state outside and write "
             f"its value inside (`state.value = ...`)."
         )
+
+
+def check_same_structure(api: str, state: State, before: Any, after: Any, fix: str) -> None:
+    """Raise if a state's value changes pytree structure."""
+    if before != after:
+        raise StateTypeError(f"{api}: {describe(state)} enters with structure {before} but leaves with {after}. {fix}")
 
 
 def check_same_types(api: str, state: State, before: Sequence[Any], after: Sequence[Any], fix: str) -> None:

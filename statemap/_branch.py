@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from ._body import Body, check_same_types, strong, trace_body, write_back
+from ._body import Body, check_same_structure, check_same_types, strong, trace_body, write_back
 from ._identity import IdentityDict
 from ._state import State
 
@@ -136,11 +136,14 @@ def _check_types(
 ) -> None:
     """Every branch must leave each written state with one shape and dtype (an untouched one keeps its own)."""
     before = {id(s): [jax.typeof(x) for x in jax.tree.leaves(v)] for s, v in zip(states, values)}
+    trees = {id(s): jax.tree.structure(v) for s, v in zip(states, values)}
     for state in written:
         for i, body in enumerate(bodies):
-            after = dict(zip(map(id, body.written), body.written_avals)).get(id(state), before[id(state)])
-            check_same_types(
-                api, state, before[id(state)], after,
-                f"Branch {i} must leave it with the shape and dtype it has before the branch, as every "
-                f"branch must (a branch that does not write it keeps it as it is).",
+            fix = (
+                f"Branch {i} must leave it with the structure, shapes and dtypes it has before the "
+                f"branch, as every branch must (a branch that does not write it keeps it as it is)."
             )
+            mine = {id(s): (t, a) for s, t, a in zip(body.written, body.written_trees, body.written_avals)}
+            tree, after = mine.get(id(state), (trees[id(state)], before[id(state)]))
+            check_same_structure(api, state, trees[id(state)], tree, fix)
+            check_same_types(api, state, before[id(state)], after, fix)

@@ -112,7 +112,7 @@ class Call:
 
     @cached_property
     def _axes(self) -> list[int | None]:
-        """One axis (or None) per leaf, States included, from ``in_axes``; kwargs use 0."""
+        """One axis (or None) per leaf, States included, from ``in_axes``; kwargs use 0 in a mapping."""
         api, in_axes = self.mapping.api, self.mapping.in_axes
         if isinstance(in_axes, (tuple, list)):
             if len(in_axes) != self.num_args:
@@ -123,7 +123,8 @@ class Call:
                 )
             in_axes = tuple(in_axes[i] for i in self.positions)
         axes = leaf_axes(api, "in_axes", in_axes, self.dynamic, "positional arguments")
-        return axes + [0] * (len(self.all_leaves) - len(axes))
+        kwargs_axis = 0 if self.mapping.has_lanes else None
+        return axes + [kwargs_axis] * (len(self.all_leaves) - len(axes))
 
     @cached_property
     def state_arg_axes(self) -> IdentityDict[State, tuple[str, int | None]]:

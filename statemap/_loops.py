@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._body import Body, check_same_types, sliced, strong, trace_body, write_back
+from ._body import Body, check_same_structure, check_same_types, sliced, strong, trace_body, write_back
 from ._state import State, describe
 from .errors import StatemapError
 
@@ -231,9 +231,10 @@ def _pair(api: str, f: Callable[..., Any], carry: Any, x: Any) -> tuple[Any, Any
 def _loop_body(api: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Body:
     """Trace a loop body and check it keeps every state's type."""
     body = trace_body(api, fn, args, "body")
-    for state, after in zip(body.written, body.written_avals):
-        before = [jax.typeof(x) for x in jax.tree.leaves(body.value_of(state))]
-        check_same_types(api, state, before, after, _KEEP_TYPES)
+    for state, tree, after in zip(body.written, body.written_trees, body.written_avals):
+        value = body.value_of(state)
+        check_same_structure(api, state, jax.tree.structure(value), tree, _KEEP_TYPES)
+        check_same_types(api, state, [jax.typeof(x) for x in jax.tree.leaves(value)], after, _KEEP_TYPES)
     return body
 
 

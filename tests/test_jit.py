@@ -113,13 +113,6 @@ def test_pytree_state():
     assert_tree_allclose(seen.value, arr(2).sum())
 
 
-KWARGS_MAPPED = (
-    "Call._axes gives keyword arguments axis 0 whatever the transform: under statemap.jit an "
-    "array keyword is sliced (internal StalePlan escapes) and a scalar one is an `in_axes` ValueError"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KWARGS_MAPPED)
 def test_keyword_arguments_are_passed_whole():
     total = statemap.State(jnp.zeros(3), name="total")
 

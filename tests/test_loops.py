@@ -311,12 +311,6 @@ def test_body_changing_a_state_dtype_is_refused(loop):
     assert int(count.value) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_body.Body slices the written outputs by the leaf count of each state's value *before* the "
-    "body and never compares tree structures: a written value with another structure is silently "
-    "mis-sliced (keys dropped, other states get its leaves)",
-)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_body_changing_a_state_structure_is_refused(loop):
     params = statemap.State({"a": jnp.zeros(N)}, name="params")
@@ -561,12 +555,6 @@ def test_for_loop_over_a_pytree_of_xs():
     assert_tree_allclose(ys, jnp.stack(expected), rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="_body.strong reads `x.dtype`: a state holding a Python scalar, written in a loop body, "
-    "raises AttributeError: 'float' object has no attribute 'dtype'",
-)
 @pytest.mark.parametrize("start", [0, 0.0], ids=["int", "float"])
 def test_a_state_holding_a_python_scalar_in_a_loop(start):
     count, eager = statemap.State(start, name="count"), statemap.State(start, name="count")
