@@ -69,8 +69,12 @@ class Body:
         return self.values[_index(self.states, state)]
 
     def run(self, args: Sequence[Any], values: Sequence[Any]) -> tuple[Any, list[Any]]:
-        """Evaluate on argument leaves and one value per state; return the output and written values."""
-        flat = [*args, *(leaf for value in values for leaf in jax.tree.leaves(value))]
+        """Evaluate on argument leaves (States among them are skipped) and one value per state.
+
+        Returns the output and the written states' values.
+        """
+        arrays = [x for x in args if not isinstance(x, State)]
+        flat = [*arrays, *(leaf for value in values for leaf in jax.tree.leaves(value))]
         outs = eval_lane(self.lane, flat)
         out = jax.tree.unflatten(self.out_tree, outs[: self.num_out])
         written, pos = [], self.num_out
@@ -88,15 +92,18 @@ def trace_body(api: str, fn: Callable[..., Any], args: Sequence[Any], what: str 
     or creates States, which a loop or branch cannot carry out.
     """
     leaves, treedef = jax.tree.flatten(tuple(args))
-    avals = [_aval(x) for x in leaves]
+    # States passed as arguments reach the function as themselves, read like closed-over ones.
+    avals = [_aval(x) for x in leaves if not isinstance(x, State)]
     recorder = LaneRecorder(api, pass_through, SizeSources(api), current_watcher())
     outputs = LaneOutputs()
 
     def body(lane: LaneTrace, tracers: Sequence[Any]) -> list[Any]:
         recorder.lane = lane
+        given = iter(tracers)
+        rebuilt = [x if isinstance(x, State) else next(given) for x in leaves]
         push_watcher(recorder)
         try:
-            out = fn(*jax.tree.unflatten(treedef, tracers))
+            out = fn(*jax.tree.unflatten(treedef, rebuilt))
         finally:
             pop_watcher(recorder)
         _check_no_states(api, what, out, recorder)

@@ -116,7 +116,8 @@ def _branch(
         return run
 
     strong_values = [jax.tree.map(strong, v) for v in values]
-    out, new = choose([as_branch(b) for b in bodies], operands, strong_values)
+    arrays = [x for x in jax.tree.leaves(operands) if not isinstance(x, State)]  # States are read, not passed
+    out, new = choose([as_branch(b) for b in bodies], arrays, strong_values)
     write_back(api, written, new)
     return out
 

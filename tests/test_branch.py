@@ -535,3 +535,18 @@ def test_cond_inside_jit_that_raises_leaves_every_state_unchanged():
     with pytest.raises(ValueError, match="after the branch"):
         statemap.jit(step)(arr(3))
     assert_unchanged(before)
+
+
+def test_states_passed_as_operands_are_read_and_written_like_closed_over_ones():
+    total = statemap.State(jnp.float32(1.0), name="total")
+
+    def add(s, x):
+        s.value = s.value + x
+        return s.value * 2
+
+    out = statemap.cond(jnp.array(True), add, lambda s, x: x, total, jnp.float32(2.0))
+    np.testing.assert_allclose(out, 6.0)
+    np.testing.assert_allclose(total.value, 3.0)
+    out = statemap.switch(1, [add, lambda s, x: -x], total, jnp.float32(2.0))
+    np.testing.assert_allclose(out, -2.0)
+    np.testing.assert_allclose(total.value, 3.0)

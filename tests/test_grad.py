@@ -648,3 +648,9 @@ def test_grad_under_raw_jax_jit_is_refused():
     with pytest.raises(statemap.StatemapError, match=r"statemap.grad: called inside a JAX transformation.*ParamState 'w'.*Use statemap.jit"):
         jax.jit(statemap.grad(lambda x: jnp.sum(w.value * x), w))(arr(3))
     assert_unchanged(before)
+
+
+def test_a_state_passed_as_an_argument_is_read_like_a_closed_over_one():
+    w = statemap.ParamState(jnp.array([1.0, 2.0]), name="w")
+    g = statemap.grad(lambda s, x: (s.value * x).sum() ** 2, w)(w, jnp.ones(2))
+    np.testing.assert_allclose(g, jax.grad(lambda w, x: (w * x).sum() ** 2)(jnp.array([1.0, 2.0]), jnp.ones(2)))
