@@ -146,7 +146,7 @@ def trace_lane(
     axes: list[tuple[Hashable, Any]] = [(f"statemap-trace-{next(_traces)}", 1)]
     if axis_name is not None:
         axes.insert(0, (axis_name, _UnknownSize() if axis_size is None else axis_size))
-    with core.extend_axis_env_nd(axes):  # type: ignore[arg-type]
+    with core.extend_axis_env_nd(axes):
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))
     return LaneJaxpr(jaxpr, consts)
 

@@ -212,7 +212,7 @@ class StatefulMapping(StatefulTransform):
         in_axes = (*call.leaf_axes, *state_in_axes_per_leaf(ins))
         # Plans are shared by every mapping of the same function (see _cache.py):
         # they must not keep this one alive.
-        lane_key = functools.partial(type(self)._lane_key, weakref.proxy(self))
+        lane_key = functools.partial(type(self)._lane_key, weakref.proxy(self))  # type: ignore[arg-type]
         lane_fn = make_lane_fn(lane, len(call.leaves), ins, lane_key)
         user_avals = lane.out_avals[: outputs.num_user_leaves]
         user_axes = normalise_out_axes(self.api, self._user_out_axes(outputs), user_avals)

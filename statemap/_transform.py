@@ -266,7 +266,7 @@ class StatefulTransform(abc.ABC):
         except Exception as err:
             if not plan.fits(values):
                 raise StalePlan() from None
-            if "incompatible devices" in str(err):
+            if _committed_apart(inputs):
                 raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
             raise
         return outs
@@ -292,6 +292,16 @@ def tracer_error(api: str, states: Sequence[State]) -> StatemapError:
         f"left holding that transformation's tracers. Call it outside, or use statemap's "
         f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
     )
+
+
+def _committed_apart(inputs: Sequence[Any]) -> bool:
+    """Whether committed inputs sit on different sets of devices, which ``jax.jit`` refuses."""
+    placements = {
+        frozenset(x.sharding.device_set)
+        for x in inputs
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
+    }
+    return len(placements) > 1
 
 
 def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> str:
