@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 
 import attrs
+import numpy as np
 import jax
 
 from ._catalogue import Entry, StateIn
@@ -18,7 +19,7 @@ def _label(state: State) -> str:
     name = label(state)
     leaves = jax.tree.leaves(state._value)
     if len(leaves) == 1:
-        name += f" {tuple(leaves[0].shape)}"
+        name += f" {tuple(np.shape(leaves[0]))}"
     return name
 
 

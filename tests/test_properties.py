@@ -11,7 +11,8 @@ outputs), random ``in_axes`` (pytree prefixes, keyword arguments),
 ``out_axes``, ``state_in_axes``/``state_out_axes`` (every filter form, a losing
 duplicate entry), write policy and ``explain()``, and one to three calls (between
 calls the host may change the states' values or the broadcast states' shapes).
-Each program runs through ``statemap.vmap`` / ``statemap.pmap`` and through an
+Each program runs through ``statemap.vmap`` / ``statemap.pmap`` /
+``statemap.shard_map`` (against the pmap oracle) and through an
 oracle that threads the same values through ``jax.vmap`` / ``jax.pmap``; the
 outputs and every state's new value must agree, or both must refuse the
 program, leaving every state exactly as it was and concrete. A fourth property
@@ -25,8 +26,9 @@ cold call of a fresh mapping gives (dtypes and weak types included), and what
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default): 200 vmap + 80 pmap + 120 policy + 80 nested + 12 keys =
-  492 examples, derandomized; about 2 minutes on 2 cores.
+* ``ci`` (default, run by ``python -m pytest``): 50 vmap + 20 pmap + 30
+  policy + 20 nested + 8 keys = 128 examples, derandomized; about 40 seconds
+  of one core.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
   300 + 200 = 2,000 examples, randomized (about 12 minutes).
@@ -107,7 +109,7 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 200, "pmap": 80, "policy": 120, "nested": 80, "keys": 12},
+    "ci": {"vmap": 50, "pmap": 20, "policy": 30, "nested": 20, "keys": 8},
     "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300, "keys": 200},
 }[PROFILE]
 
@@ -176,7 +178,7 @@ def check(prog: Program, which: str) -> None:
         event(f"host changes state {prog.mutate} between calls")
     if prog.pack and any(not a.keyword for a in prog.args):
         event("args packed in a dict")
-    if which == "pmap" and prog.n > jax.local_device_count():
+    if which != "vmap" and prog.n > jax.local_device_count():
         return
     values = initial_values(prog)
     states = make_states(prog, values)
@@ -213,7 +215,7 @@ def check(prog: Program, which: str) -> None:
                 assert any(f"'s{j}'" in m and "unexpected_out_state_mapping='warn'" in m for m in messages), messages
         else:
             out = mapping(*pos, **kw)
-        if which == "pmap":
+        if which != "vmap":
             jax.block_until_ready((out, [s.value for s in states]))  # JAX-NOTES fact 10
         check_results(prog, states, saved, out, want, f"call {call}")
         want_values = want.values
@@ -300,6 +302,12 @@ def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
 @given(programs())
 def test_pmap_matches_the_jax_pmap_oracle(prog: Program) -> None:
     check(prog, "pmap")
+
+
+@profile("pmap")
+@given(programs())
+def test_shard_map_matches_the_jax_pmap_oracle(prog: Program) -> None:
+    check(prog, "shard_map")
 
 
 @profile("nested")

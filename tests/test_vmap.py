@@ -1506,3 +1506,9 @@ def test_vmap_mapping_built_directly():
     out = m(arr(B, 2))
     assert_tree_allclose(out, (arr(B, 2) * 2).sum(axis=1))
     assert_tree_allclose(h.value, arr(B, 2) * 2)
+
+
+def test_explain_shows_a_state_holding_a_python_number():
+    count = statemap.State(0, name="count")
+    text = str(statemap.vmap(lambda x: x + count.value).explain(arr(B)))
+    assert "State 'count' ()" in text
