@@ -26,8 +26,8 @@ cold call of a fresh mapping gives (dtypes and weak types included), and what
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default, run by ``python -m pytest``): 30 vmap + 12 pmap + 12
-  shard_map + 20 policy + 12 nested + 8 keys = 94 examples, derandomized;
+* ``ci`` (default, run by ``python -m pytest``): 24 vmap + 12 pmap + 12
+  shard_map + 16 policy + 12 nested + 8 keys = 84 examples, derandomized;
   about a minute of one core.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 300 +
@@ -109,7 +109,7 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 30, "pmap": 12, "policy": 20, "nested": 12, "keys": 8},
+    "ci": {"vmap": 24, "pmap": 12, "policy": 16, "nested": 12, "keys": 8},
     "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300, "keys": 200},
 }[PROFILE]
 
