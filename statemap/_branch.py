@@ -103,7 +103,7 @@ def _branch(
     bodies = [trace_body(api, fn, operands, f"branch {i}") for i, fn in enumerate(fns)]
     states, values = _union(bodies, lambda b: zip(b.states, b.values))
     written = list(_union(bodies, lambda b: ((s, None) for s in b.written))[0])
-    _check_types(api, written, states, values, bodies)
+    _check_types(api, states, values, bodies)
     position = {id(state): i for i, state in enumerate(states)}
 
     def as_branch(body: Body) -> Callable[[Any, list[Any]], tuple[Any, list[Any]]]:
@@ -132,19 +132,15 @@ def _union(bodies: Sequence[Body], pairs: Callable[[Body], Any]) -> tuple[list[S
     return list(seen), list(seen.values())
 
 
-def _check_types(
-    api: str, written: list[State], states: list[State], values: list[Any], bodies: Sequence[Body]
-) -> None:
-    """Every branch must leave each written state with one shape and dtype (an untouched one keeps its own)."""
+def _check_types(api: str, states: list[State], values: list[Any], bodies: Sequence[Body]) -> None:
+    """Every branch must leave each state it writes with the type it had (an untouched one keeps its own)."""
     before = {id(s): [jax.typeof(x) for x in jax.tree.leaves(v)] for s, v in zip(states, values)}
     trees = {id(s): jax.tree.structure(v) for s, v in zip(states, values)}
-    for state in written:
-        for i, body in enumerate(bodies):
-            fix = (
-                f"Branch {i} must leave it with the structure, shapes and dtypes it has before the "
-                f"branch, as every branch must (a branch that does not write it keeps it as it is)."
-            )
-            mine = {id(s): (t, a) for s, t, a in zip(body.written, body.written_trees, body.written_avals)}
-            tree, after = mine.get(id(state), (trees[id(state)], before[id(state)]))
+    for i, body in enumerate(bodies):
+        fix = (
+            f"Branch {i} must leave it with the structure, shapes and dtypes it has before the "
+            f"branch, as every branch must (a branch that does not write it keeps it as it is)."
+        )
+        for state, tree, after in zip(body.written, body.written_trees, body.written_avals):
             check_same_structure(api, state, trees[id(state)], tree, fix)
             check_same_types(api, state, before[id(state)], after, fix)

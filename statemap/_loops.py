@@ -77,8 +77,8 @@ def _scan(
 
     def step(carry: tuple[Any, list[Any]], x: Any) -> tuple[tuple[Any, list[Any]], Any]:
         user, carried = carry
-        out, new = body.run(jax.tree.leaves((user, x)), _inputs(body, body.written, carried))
-        return (out[0], _strong(new)), out[1]
+        out, new = _iterate(body, (user, x), carried)
+        return (out[0], new), out[1]
 
     (carry, carried), ys = jax.lax.scan(
         step, (init, _initial(body)), xs, length=length, reverse=reverse, unroll=unroll
@@ -158,8 +158,7 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable[[Any, Any], Any], init_
 
     def step(i: Any, carry: tuple[Any, list[Any]]) -> tuple[Any, list[Any]]:
         val, carried = carry
-        out, new = body.run(jax.tree.leaves((i, val)), _inputs(body, body.written, carried))
-        return out, _strong(new)
+        return _iterate(body, (i, val), carried)
 
     val, carried = jax.lax.fori_loop(lower, upper, step, (init_val, _initial(body)))
     write_back(api, body.written, carried)
@@ -211,8 +210,7 @@ def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], i
 
     def step(carry: tuple[Any, list[Any]]) -> tuple[Any, list[Any]]:
         val, carried = carry
-        out, new = body.run(jax.tree.leaves(val), _inputs(body, body.written, carried))
-        return out, _strong(new)
+        return _iterate(body, val, carried)
 
     val, carried = jax.lax.while_loop(test, step, (init_val, _initial(body)))
     write_back(api, body.written, carried)
@@ -236,6 +234,12 @@ def _loop_body(api: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Body:
         check_same_structure(api, state, jax.tree.structure(value), tree, _KEEP_TYPES)
         check_same_types(api, state, [jax.typeof(x) for x in jax.tree.leaves(value)], after, _KEEP_TYPES)
     return body
+
+
+def _iterate(body: Body, args: Any, carried: list[Any]) -> tuple[Any, list[Any]]:
+    """One iteration: the body's output, and the carried states' new values (strongly typed)."""
+    out, new = body.run(jax.tree.leaves(args), _inputs(body, body.written, carried))
+    return out, _strong(new)
 
 
 def _initial(body: Body) -> list[Any]:
