@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import statemap
@@ -62,3 +65,39 @@ def lane_keys(parent: Any, n: int) -> tuple[Any, Any]:
     new, base = jax.random.split(parent)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jax.numpy.arange(n))
     return new, keys
+
+
+def arr(*shape: int, start: float = 0.0) -> jax.Array:
+    """A small float32 array with distinct entries."""
+    return jnp.asarray((np.arange(np.prod(shape, dtype=int)).reshape(shape) + start) / 10, dtype=jnp.float32)
+
+
+def counted(fn: Callable[..., Any]) -> Any:
+    """Wrap ``fn`` so that ``wrapper.runs`` counts its Python runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        wrapper.runs += 1  # type: ignore[attr-defined]
+        return fn(*args, **kwargs)
+
+    wrapper.runs = 0  # type: ignore[attr-defined]
+    return wrapper
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compiles() -> Iterator[list[str]]:
+    """Collect the names of the functions XLA compiles inside the block."""
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == BACKEND_COMPILE:
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

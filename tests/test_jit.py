@@ -12,6 +12,7 @@ import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import arr, counted
 from helpers import (
     assert_concrete,
     assert_keys_equal,
@@ -22,23 +23,6 @@ from helpers import (
 )
 
 import statemap
-
-
-def arr(*shape, start=0.0):
-    """A small float32 array with distinct entries."""
-    return jnp.asarray((np.arange(np.prod(shape, dtype=int)).reshape(shape) + start) / 10, dtype=jnp.float32)
-
-
-def counted(fn):
-    """Wrap ``fn`` so that ``wrapper.runs`` counts its Python runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        wrapper.runs += 1
-        return fn(*args, **kwargs)
-
-    wrapper.runs = 0
-    return wrapper
 
 
 class Noisy:

@@ -6,7 +6,6 @@ returns the new values, which is what statemap must do for the user. The
 collectives sync every step (JAX-NOTES fact 10).
 """
 
-import contextlib
 import doctest
 import warnings
 
@@ -14,33 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compiles
 from helpers import assert_concrete, assert_tree_allclose, assert_unchanged, snapshot
 
 import statemap
 
 N = 8
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def rows(*shape, start=0.0):
     """A small float32 array with distinct entries."""
     return jnp.arange(start, start + np.prod(shape), dtype=jnp.float32).reshape(shape) / 10
-
-
-@contextlib.contextmanager
-def compiles():
-    """Collect the names of the functions XLA compiles inside the block."""
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def key_bits(key):

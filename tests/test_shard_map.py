@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compiles
 from helpers import assert_concrete, assert_keys_equal, assert_tree_allclose, assert_unchanged, snapshot
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -23,7 +24,6 @@ from jax.sharding import PartitionSpec as P
 import statemap
 
 N = 8
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def rows(*shape, start=0.0):
@@ -33,22 +33,6 @@ def rows(*shape, start=0.0):
 
 def sync(x):
     return jax.block_until_ready(x)
-
-
-@contextlib.contextmanager
-def compiles():
-    """Collect the names of the functions XLA compiles inside the block."""
-    names = []
-
-    def listener(event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            names.append(kwargs.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield names
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def raw(fn, in_specs, out_specs, mesh=None, axis="d"):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import counted
 from helpers import assert_concrete, assert_tree_allclose
 
 import statemap
@@ -102,17 +103,6 @@ def test_pmap_static_flag_compared_by_identity_runs_the_right_branch():
 
 
 # Trace-time JAX settings.
-
-
-def counted(fn):
-    """Wrap ``fn`` so that ``wrapper.runs`` counts its Python runs."""
-
-    def wrapper(*args, **kwargs):
-        wrapper.runs += 1
-        return fn(*args, **kwargs)
-
-    wrapper.runs = 0
-    return wrapper
 
 
 def test_enable_x64_is_part_of_the_plan():
