@@ -89,7 +89,7 @@ def main(steps: int) -> None:
         # the CPU backend (JAX issue 25861).
         parallel_loss = jax.block_until_ready(parallel_step(x_shards, y_shards))
         single_loss = single_step(xs[t], ys[t])
-        if t % (steps // 5) == 0 or t == steps - 1:
+        if t % max(1, steps // 5) == 0 or t == steps - 1:
             print(f"step {t:3d}  loss on {devices} devices {float(parallel_loss[0]):.5f}"
                   f"  on one device {float(single_loss):.5f}")
 

@@ -77,7 +77,7 @@ def main(steps: int) -> None:
     for step in range(steps + 1):
         losses = np.asarray(train_step(xs, ys))
         history.append(losses)
-        if step % (steps // 5) == 0:
+        if step % max(1, steps // 5) == 0:
             print(f"step {step:4d}  losses " + "  ".join(f"{v:.4f}" for v in losses))
 
     first, last = history[0], history[-1]
