@@ -13,6 +13,7 @@ raster plot needs matplotlib and is skipped without it.
 """
 
 import argparse
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,7 @@ def main(steps: int, plot: str) -> None:
         print(f"member {member}: {rate:.2f} Hz")
     trains = {raster[:, member].tobytes() for member in range(MEMBERS)}
     assert len(trains) == MEMBERS, "each member draws its own noise, so no two spike trains are equal"
-    try:
-        import matplotlib  # noqa: F401  (only to learn whether it is installed)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: no raster plot")
         return
     save_raster(raster, plot)
