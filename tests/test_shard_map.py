@@ -371,6 +371,16 @@ def test_warm_calls_run_python_once_do_not_recompile_and_see_current_values():
     assert runs == [1]
 
 
+def test_donate_argnums_reuses_the_argument_buffers():
+    x = jax.device_put(rows(N, 2), NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")))  # where it goes
+    kept = rows(N, 2)
+    mapping = statemap.shard_map(lambda a, b: a + b, "d", donate_argnums=0)
+    out = sync(mapping(x, kept))
+    assert x.is_deleted()
+    assert not kept.is_deleted()
+    assert_tree_allclose(out, rows(N, 2) * 2)
+
+
 def test_a_state_left_on_other_devices_moves_to_the_mesh():
     h = statemap.HiddenState(jnp.zeros((4, 2)), name="h")
 
