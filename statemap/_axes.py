@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import jax
 
 from ._filters import to_predicate
-from ._state import State
+from ._state import State, describe
 
 __all__ = [
     "StateAxes",
@@ -73,12 +73,16 @@ class StateAxes:
     """A normalised ``state_in_axes``/``state_out_axes``: (axis, predicate) pairs, first match wins."""
 
     entries: tuple[tuple[int | None, Predicate], ...]
+    bare_tags: frozenset[str] = frozenset()
+    """The tags given as plain strs (not ``WithTag``), which a user may have meant as names."""
+    api: str = attrs.field(default="", eq=False)
+    argname: str = attrs.field(default="", eq=False)
 
     @classmethod
     def parse(cls, api: str, argname: str, spec: Any) -> StateAxes:
         """Read ``{axis: filter}`` or a bare filter (``{0: filter}``); None selects nothing."""
         if spec is None:
-            return cls(())
+            return cls((), api=api, argname=argname)
         if not isinstance(spec, Mapping):
             spec = {0: spec}
         entries = []
@@ -92,12 +96,34 @@ class StateAxes:
                 entries.append((axis, to_predicate(filt)))
             except TypeError as err:
                 raise TypeError(f"{api}: `{argname}` for axis {axis!r}: {err}") from None
-        return cls(tuple(entries))
+        return cls(tuple(entries), frozenset(_bare_strs(spec.values())), api=api, argname=argname)
 
     def match(self, state: State) -> tuple[bool, int | None]:
-        """(selected, axis) for ``state``: the first entry whose filter selects it."""
+        """(selected, axis) for ``state``: the first entry whose filter selects it.
+
+        Raises:
+          ValueError: ``state`` is selected by nothing, but its name is a str
+            filter here (which matches tags, not names).
+        """
         path = () if state.name is None else (state.name,)
         for axis, predicate in self.entries:
             if predicate(path, state):
                 return True, axis
+        if state.name in self.bare_tags:
+            raise ValueError(
+                f"{self.api}: `{self.argname}` has the str filter {state.name!r}, which selects "
+                f"states by tag, and the function touches {describe(state)}, whose name (not "
+                f"tag) is {state.name!r}: the filter does not select it. Select it by name with "
+                f"`statemap.filters.PathContains({state.name!r})`, give it `tag={state.name!r}`, "
+                f"or write `statemap.filters.WithTag({state.name!r})` if you mean only the tag."
+            )
         return False, None
+
+
+def _bare_strs(filters: Iterable[Any]) -> Iterator[str]:
+    """The strs among ``filters``, inside lists and tuples too (each means ``WithTag``)."""
+    for filt in filters:
+        if isinstance(filt, str):
+            yield filt
+        elif isinstance(filt, (list, tuple)):
+            yield from _bare_strs(filt)

@@ -183,6 +183,8 @@ class Call:
             return None
         ndim = jax.numpy.ndim(leaf)
         fixed = axis_in_range(axis, ndim)
+        if fixed is None and ndim == 0:
+            raise ValueError(self._scalar_message(name, axis))
         if fixed is None:
             raise ValueError(
                 f"{self.mapping.api}: `in_axes` maps argument {name} (shape "
@@ -190,6 +192,27 @@ class Call:
                 f"Use an axis in [{-ndim}, {ndim}), or None to broadcast it."
             )
         return fixed
+
+    def _scalar_message(self, name: str, axis: int) -> str:
+        """The error for a scalar on a mapped axis: it has no axis, so the fix is to not map it."""
+        api = self.mapping.api
+        if name.startswith("kwargs"):
+            return (
+                f"{api}: keyword argument {name} is a scalar (shape ()), so it has no axis to map, "
+                f"and keyword arguments are always mapped on axis 0 (as in jax.vmap). Pass it "
+                f"positionally with `None` for it in `in_axes` (`in_axes=(0, None)`) to give every "
+                f"lane the same value, close over it, or give it an axis (one value per lane)."
+            )
+        # With one int for every argument, show the exact tuple to write.
+        in_axes, top, example = self.mapping.in_axes, [f"args[{i}]" for i in range(self.num_args)], "(0, None)"
+        if isinstance(in_axes, int) and name in top:
+            example = repr(tuple(None if n == name else in_axes for n in top))
+        return (
+            f"{api}: `in_axes` maps argument {name} on axis {axis}, but it is a scalar (shape ()) "
+            f"with no axis to map. Give it `None` in `in_axes` (`in_axes={example}`) to pass "
+            f"every lane the same value, mark it static if it is a Python number "
+            f"(`{self.mapping.static_argnums_name}`), or give it an axis (one value per lane)."
+        )
 
     def _non_array_error(self) -> TypeError:
         for name, leaf in zip(self._paths, self.all_leaves):

@@ -218,7 +218,9 @@ def _refusal(api: str, refused: list[tuple[State, str]]) -> str | None:
     if any(kind == "policy" for _, kind in refused):
         fixes += (
             ", split them on entry with `state_in_axes={0: <filter>}`, or pass "
-            "`unexpected_out_state_mapping='warn'` to stack them along axis 0"
+            "`unexpected_out_state_mapping='warn'` to stack them along axis 0. If every lane "
+            "should hold the same value (a running statistic such as a batch mean), average it "
+            "over the lanes first: `jax.lax.pmean(value, axis_name)`, with the mapping's `axis_name=`"
         )
     else:
         fixes += ", or write a value that is the same on every lane (e.g. reduced with `jax.lax.psum`)"

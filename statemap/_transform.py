@@ -15,6 +15,7 @@ import jax
 from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
+from ._diagnose import diagnosing
 from ._explain import Explanation
 from ._identity import IdentityDict
 from ._jax_internals import LaneJaxpr, LaneTrace, trace_lane, under_staging_trace
@@ -80,7 +81,7 @@ class StatefulTransform(abc.ABC):
         self.static_argnames = _argnames(self.api, static_argnames)
         self.donate_argnums = _argnums(self.api, "donate_argnums", donate_argnums)
         self.__wrapped__ = fn
-        self.__name__ = getattr(fn, "__name__", type(self).__name__)
+        self.__name__ = getattr(fn.func if isinstance(fn, functools.partial) else fn, "__name__", type(fn).__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
 
     def __repr__(self) -> str:
@@ -162,7 +163,8 @@ class StatefulTransform(abc.ABC):
         recorder = LaneRecorder(self.api, self._entries(call), sizes, current_watcher())
         outputs = LaneOutputs()
         try:
-            lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, axis_name, hint)
+            with diagnosing(self.api, axis_name, recorder):
+                lane = trace_lane(self._lane_body(call, recorder, outputs), call.lane_avals, axis_name, hint)
         finally:
             drop_watcher(recorder)  # in case an interrupt landed between push and try
             for state in recorder.made:

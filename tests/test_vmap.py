@@ -1381,7 +1381,7 @@ def test_in_axes_out_of_range(axis):
 
 
 def test_in_axes_on_a_scalar_argument():
-    with pytest.raises(ValueError, match=r"argument args\[1\]\['s'\] \(shape \(\)\) on axis 0, which is out of range"):
+    with pytest.raises(ValueError, match=r"argument args\[1\]\['s'\] on axis 0, but it is a scalar \(shape \(\)\)"):
         statemap.vmap(lambda x, y: x)(arr(B), {"s": jnp.float32(1.0)})
 
 
