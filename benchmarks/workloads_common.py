@@ -65,12 +65,21 @@ class Workload:
 
 @dataclass
 class Row:
-    """The figures of one contender on one workload."""
+    """The figures of one contender on one workload.
+
+    ``warm_s`` is the median wall time of a warm call and ``cpu_s`` the
+    calling thread's CPU time in it (its Python and dispatch cost, little
+    disturbed by other processes); ``ratio`` is ``warm_s`` over raw JAX's.
+    ``cold_runs`` counts the Python runs of the user's function during the
+    cold call, ``warm_runs`` those per warm call (0 unless it retraces), and
+    ``cold_s`` is the cold call's wall time (trace and compile).
+    """
 
     workload: str
     name: str
     api: str
     warm_s: float
+    cpu_s: float
     ratio: float
     cold_runs: int
     warm_runs: float
@@ -122,6 +131,7 @@ def measure(workload: Workload, warmup: int = 3) -> list[Row]:
             name=c.name,
             api=c.api,
             warm_s=times[c.name].wall,
+            cpu_s=times[c.name].cpu,
             ratio=times[c.name].wall / times[RAW].wall,
             cold_runs=cold[c.name][1],
             warm_runs=(c.runs() - before[c.name]) / calls[c.name],

@@ -73,7 +73,7 @@ def loop(quick: bool) -> Workload:
     return Workload(
         f"LIF loop, {steps} steps x {members} x {neurons} (jit)",
         [statemap_loop(members, neurons, steps), raw_loop(members, neurons, steps)],
-        calls=1 if quick else 2,
+        calls=2 if quick else 5,
         reps=3 if quick else 10,
         check=same_numbers(rtol=1e-5),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from .workloads_common import RAW, Row
 
 
@@ -25,7 +27,7 @@ def plot(rows: list[Row], path: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel(f"median warm-call time / {RAW}'s (log scale)")
     ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels([w.replace(" (", "\n(") for w in workloads], fontsize=8)
+    ax.set_xticklabels([textwrap.fill(w, 16) for w in workloads], fontsize=8)
     ax.legend(fontsize=8)
     ax.set_title("statemap and its peers against hand-threaded JAX (lower is faster)")
     fig.tight_layout()
