@@ -238,8 +238,21 @@ def probe_batched(
     axis_name: Hashable,
     axis_size: int,
 ) -> Callable[[Sequence[int]], set[int]]:
-    """``find_batched`` for ``decide_outputs``, deciding with JAX's vmap rules."""
+    """``find_batched`` for ``decide_outputs``, deciding with JAX's vmap rules.
+
+    The probe runs on shapes with ``axis_size`` on every mapped axis: under
+    ``jax.distributed`` a process passes only its part of the lanes.
+    """
+    inputs = [_with_axis_size(x, axis, axis_size) for x, axis in zip(inputs, in_axes)]
     return lambda candidates: batched_outputs(lane_fn, inputs, in_axes, candidates, axis_name, axis_size)
+
+
+def _with_axis_size(x: Any, axis: int | None, size: int) -> Any:
+    if axis is None or np.shape(x)[axis] == size:
+        return x
+    aval = jax.typeof(x)
+    shape = (*aval.shape[:axis], size, *aval.shape[axis + 1 :])
+    return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=aval.weak_type)
 
 
 def state_in_axes_per_leaf(ins: Sequence[StateIn]) -> list[int | None]:

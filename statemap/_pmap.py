@@ -98,39 +98,45 @@ class PMapMapping(StatefulMapping):
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         devices, backend = self.devices, self.backend  # the program must not keep the mapping alive
 
-        def lane(*inputs: Any) -> list[Any]:
-            return spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs)
+        def lane(*inputs: Any) -> tuple[Any, ...]:
+            return tuple(spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs))
 
         def pmapped(fn: Callable[..., Any], in_axes: tuple[int | None, ...], donated: tuple[int, ...]) -> Any:
             return jax.pmap(
                 fn,
                 axis_name=spec.axis_name,
                 in_axes=in_axes,
-                out_axes=spec.out_axes,
+                out_axes=tuple(spec.out_axes),  # hashable: jax.pmap keys a cache on it across processes
                 devices=devices,
                 backend=backend,
                 donate_argnums=donated,
             )
 
-        lanes = list(devices or jax.local_devices(backend=backend)[: spec.axis_size])
+        lanes = self._local_devices()[: spec.axis_size]
         # Where jax.pmap leaves its outputs: inputs placed there from the first
         # call on compile once, and a state written by one call is in place for the next.
         mesh = Mesh(np.array(lanes), (spec.axis_name,))
         homes = [NamedSharding(mesh, _partition(a, spec.axis_name)) for a in spec.in_axes]
         first_device = lanes[0]
         if any(axis is not None for axis in spec.in_axes):
-            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, spec.axis_size, first_device, homes)
+            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, len(lanes), first_device, homes)
         # jax.pmap needs a mapped input even with axis_size: give it the lane
         # indices, sharded once so that calls do not copy them to the devices.
-        indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(spec.axis_size))
+        indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(len(lanes)))
         program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
-        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, spec.axis_size, first_device, homes)
+        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, len(lanes), first_device, homes)
 
-    def _device_count(self) -> int:
-        return len(self.devices) if self.devices is not None else jax.local_device_count(self.backend)
+    def _local_devices(self) -> list[jax.Device]:
+        """The devices of this map that belong to this process (all of them, in one process)."""
+        if self.devices is None:
+            return jax.local_devices(backend=self.backend)
+        here = jax.process_index(self.backend)
+        return [d for d in self.devices if d.process_index == here]
 
     def _resolve_axis_size(self, size: int | None) -> int:
-        available = self._device_count()
+        if jax.process_count(self.backend) > 1:
+            return self._global_axis_size(size)
+        available = len(self._local_devices())
         if size is None:
             return available
         if size < 1:
@@ -153,9 +159,27 @@ class PMapMapping(StatefulMapping):
             )
         return size
 
+    def _global_axis_size(self, size: int | None) -> int:
+        """The number of lanes over every process, given this process's part ``size``."""
+        local = len(self._local_devices())
+        lanes = len(self.devices) if self.devices is not None else jax.device_count(self.backend)
+        if size is not None and size != local:
+            raise ValueError(
+                f"{self.api}: the mapped axis has size {size} on process "
+                f"{jax.process_index(self.backend)}, but each process passes its local part "
+                f"under jax.distributed, and this process holds {local} of the map's {lanes} "
+                f"devices. Pass a mapped axis of local size {local} "
+                f"(`jax.local_device_count()`) on every process."
+            )
+        return lanes
+
     def _explain_lines(self, plan: Plan) -> list[str]:
-        devices = self.devices or jax.local_devices(backend=self.backend)[: plan.axis_size]
-        return [f"devices: {', '.join(str(d) for d in devices)}"]
+        devices = self._local_devices()[: plan.axis_size]
+        lines = [f"devices: {', '.join(str(d) for d in devices)}"]
+        processes = jax.process_count(self.backend)
+        if processes > 1:
+            lines.append(f"processes: {processes}; this one passes {len(devices)} of the {plan.axis_size} lanes")
+        return lines
 
 
 def _placing(

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._call import Call
@@ -105,6 +106,8 @@ class ShardMapMapping(StatefulMapping):
             check_vma=False,
         )
         program = jax.jit(mapped, donate_argnums=spec.donated)
+        if jax.process_count() > 1:
+            return _across_processes(program, self.mesh, spec)
         placed = _Placed([NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes])
         return lambda *inputs: program(*placed(inputs))
 
@@ -120,6 +123,8 @@ class ShardMapMapping(StatefulMapping):
 
     def _resolve_axis_size(self, size: int | None) -> int:
         devices = self.mesh.shape[self._lane_axis]
+        if jax.process_count() > 1:
+            return self._global_axis_size(size, devices)
         if size is None:
             return devices
         if size != devices:
@@ -130,14 +135,49 @@ class ShardMapMapping(StatefulMapping):
             )
         return size
 
+    def _global_axis_size(self, size: int | None, lanes: int) -> int:
+        """The number of lanes over every process, given this process's part ``size``."""
+        local = self.mesh.local_mesh.shape[self._lane_axis]
+        if size is not None and size != local:
+            raise ValueError(
+                f"{self.api}: the mapped axis has size {size} on process {jax.process_index()}, "
+                f"but each process passes its local part under jax.distributed, and this "
+                f"process holds {local} of the {lanes} devices along mesh axis "
+                f"{self._lane_axis!r}. Pass a mapped axis of local size {local} on every process."
+            )
+        return lanes
+
     def _explain_lines(self, plan: Plan) -> list[str]:
         shape = ", ".join(f"{k!r}: {v}" for k, v in self.mesh.shape.items())
-        return [f"mesh: {{{shape}}}, lanes along {self._lane_axis!r}"]
+        lines = [f"mesh: {{{shape}}}, lanes along {self._lane_axis!r}"]
+        if jax.process_count() > 1:
+            local = self.mesh.local_mesh.shape[self._lane_axis]
+            lines.append(f"processes: {jax.process_count()}; this one passes {local} of the {plan.axis_size} lanes")
+        return lines
 
 
 def _spec(axis: int | None, name: Hashable) -> PartitionSpec:
     """The partition of a value mapped on ``axis`` (None: replicated) over mesh axis ``name``."""
     return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), name)
+
+
+def _across_processes(program: Callable[..., Any], mesh: Mesh, spec: MapSpec) -> Callable[..., Sequence[Any]]:
+    """``program`` on each process's local parts: global arrays in, local parts out.
+
+    Under ``jax.distributed`` the compiled program takes and returns global
+    arrays; a process passes, and its states keep, only the part on its own
+    devices. Both conversions reuse the device buffers.
+    """
+    name = spec.axis_name
+    in_specs = [_spec(a, name) for a in spec.in_axes]
+    out_specs = [_spec(a, name) for a in spec.out_axes]
+    placed = _Placed([NamedSharding(mesh.local_mesh, s) for s in in_specs])
+
+    def run(*inputs: Any) -> Sequence[Any]:
+        inputs = tuple(multihost_utils.host_local_array_to_global_array(placed(inputs), mesh, in_specs))
+        return multihost_utils.global_array_to_host_local_array(list(program(*inputs)), mesh, out_specs)
+
+    return run
 
 
 class _Placed:
