@@ -75,25 +75,39 @@ def stepper(step: Callable[..., object], args: tuple[object, ...], *states: Any)
     return call
 
 
-def lif(bs: ModuleType, members: int, neurons: int) -> list[Contender]:
-    """One time step of the LIF ensemble: potentials split per member, a key per member."""
+def lif_step(bs: ModuleType, members: int, neurons: int, timed: bool = False) -> tuple[Any, ...]:
+    """The LIF ensemble's ``vmap2`` step (taking a time step ``t`` when ``timed``), its states and counter."""
     from brainstate.util.filter import OfType
 
+    runs = Counter()
+    v, rng = bs.HiddenState(jnp.zeros((members, neurons))), bs.random.RandomState(0)
+
+    def member(*t: jax.Array) -> jax.Array:
+        runs.tick()
+        v.value, count = lif_math(v.value, rng.normal(size=(neurons,)))
+        return count
+
+    hidden = {0: OfType(bs.HiddenState)}
+    in_axes = None if timed else ()
+    step = bs.transform.vmap2(member, in_axes=in_axes, axis_size=members, state_in_axes=hidden, state_out_axes=hidden)
+    return step, v, rng, runs
+
+
+def lif(bs: ModuleType, members: int, neurons: int) -> list[Contender]:
+    """One time step of the LIF ensemble: potentials split per member, a key per member."""
     contenders = []
     for jitted in (False, True):
-        runs = Counter()
-        v, rng = bs.HiddenState(jnp.zeros((members, neurons))), bs.random.RandomState(0)
-
-        def member(v=v, rng=rng, runs=runs):
-            runs.tick()
-            v.value, count = lif_math(v.value, rng.normal(size=(neurons,)))
-            return count
-
-        hidden = {0: OfType(bs.HiddenState)}
-        step = bs.transform.vmap2(member, in_axes=(), axis_size=members, state_in_axes=hidden, state_out_axes=hidden)
+        step, v, rng, runs = lif_step(bs, members, neurons)
         step = bs.transform.jit(step) if jitted else step
         contenders.append(Contender(*labels(jitted, "vmap2"), stepper(step, (), v, rng), runs))
     return contenders
+
+
+def loop(bs: ModuleType, members: int, neurons: int, steps: int) -> list[Contender]:
+    """The LIF ensemble for ``steps`` time steps in one compiled call: ``jit(for_loop(vmap2))``."""
+    step, v, rng, runs = lif_step(bs, members, neurons, timed=True)
+    run = bs.transform.jit(lambda ts: bs.transform.for_loop(step, ts))
+    return [Contender(NAME, "transform.jit(for_loop(vmap2))", stepper(run, (jnp.arange(steps),), v, rng), runs)]
 
 
 def sgd(bs: ModuleType, devices: int, batch: int) -> list[Contender]:

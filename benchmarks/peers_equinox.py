@@ -8,6 +8,7 @@ it, with ``jax.random.split(key, lanes)`` giving each lane its key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import jax
@@ -51,12 +52,18 @@ def rnn(eqx: ModuleType, lanes: int, extra: int) -> list[Contender]:
     return [Contender(NAME, "filter_jit(filter_vmap)", call, runs)]
 
 
-def lif(eqx: ModuleType, members: int, neurons: int) -> list[Contender]:
-    """One time step of the LIF ensemble: potentials and key threaded by hand, a key per member."""
-    runs = Counter()
+def lif_member(neurons: int) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One member's LIF step as a pure function of its potentials and its key."""
 
     def member(v: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         return lif_math(v, jax.random.normal(key, (neurons,)))
+
+    return member
+
+
+def lif(eqx: ModuleType, members: int, neurons: int) -> list[Contender]:
+    """One time step of the LIF ensemble: potentials and key threaded by hand, a key per member."""
+    runs, member = Counter(), lif_member(neurons)
 
     @eqx.filter_jit
     def step(v, key):
@@ -72,6 +79,30 @@ def lif(eqx: ModuleType, members: int, neurons: int) -> list[Contender]:
         return jax.block_until_ready((counts, carry["v"], carry["key"]))
 
     return [Contender(NAME, "filter_jit(filter_vmap)", call, runs)]
+
+
+def loop(eqx: ModuleType, members: int, neurons: int, steps: int) -> list[Contender]:
+    """The LIF ensemble for ``steps`` time steps in one call: ``filter_jit(lax.scan(filter_vmap))``."""
+    runs, member = Counter(), lif_member(neurons)
+
+    def body(carry, t):
+        v, key = carry
+        key, sub = jax.random.split(key)
+        v, counts = eqx.filter_vmap(member)(v, jax.random.split(sub, members))
+        return (v, key), counts
+
+    @eqx.filter_jit
+    def run(v, key, ts):
+        runs.tick()
+        return jax.lax.scan(body, (v, key), ts)
+
+    carry, ts = {"v": jnp.zeros((members, neurons)), "key": jax.random.key(0)}, jnp.arange(steps)
+
+    def call() -> object:
+        (carry["v"], carry["key"]), counts = run(carry["v"], carry["key"], ts)
+        return jax.block_until_ready((counts, carry["v"], carry["key"]))
+
+    return [Contender(NAME, "filter_jit(lax.scan(filter_vmap))", call, runs)]
 
 
 def sgd(eqx: ModuleType, devices: int, batch: int) -> list[Contender]:

@@ -10,6 +10,7 @@ values back into the module.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,8 @@ def rnn(nnx: ModuleType, lanes: int, extra: int) -> list[Contender]:
     return [Contender(NAME, "nnx.jit(nnx.vmap)", call, runs)]
 
 
-def lif(nnx: ModuleType, members: int, neurons: int) -> list[Contender]:
-    """One time step of the LIF ensemble: potentials split per member, the noise stream split too."""
+def lif_step(nnx: ModuleType, members: int, neurons: int) -> tuple[Any, ...]:
+    """The LIF ensemble as an ``nnx.Module``, its ``split_rngs(vmap)`` step (not yet jitted), a counter."""
     _, Hidden = cell_class(nnx)
 
     class Ensemble(nnx.Module):
@@ -82,17 +83,40 @@ def lif(nnx: ModuleType, members: int, neurons: int) -> list[Contender]:
     runs, model = Counter(), Ensemble()
     axes = nnx.StateAxes({Hidden: 0, nnx.RngState: 0, ...: None})
 
-    @nnx.jit
     @nnx.split_rngs(splits=members)
     @nnx.vmap(in_axes=(axes,), axis_size=members)
     def step(model):
         runs.tick()
         return model()
 
+    return model, step, runs
+
+
+def lif(nnx: ModuleType, members: int, neurons: int) -> list[Contender]:
+    """One time step of the LIF ensemble: potentials split per member, the noise stream split too."""
+    model, step, runs = lif_step(nnx, members, neurons)
+    step = nnx.jit(step)
+
     def call() -> object:
         return jax.block_until_ready((step(model), model.v[...], model.rngs.noise.count[...]))
 
     return [Contender(NAME, "nnx.jit(nnx.vmap)", call, runs)]
+
+
+def loop(nnx: ModuleType, members: int, neurons: int, steps: int) -> list[Contender]:
+    """The LIF ensemble for ``steps`` time steps in one call: ``nnx.jit(nnx.scan(nnx.vmap))``."""
+    model, step, runs = lif_step(nnx, members, neurons)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(model, t):
+        return model, step(model)
+
+    run, ts = nnx.jit(lambda model, ts: body(model, ts)[1]), jnp.arange(steps)
+
+    def call() -> object:
+        return jax.block_until_ready((run(model, ts), model.v[...], model.rngs.noise.count[...]))
+
+    return [Contender(NAME, "nnx.jit(nnx.scan(nnx.vmap))", call, runs)]
 
 
 def sgd(nnx: ModuleType, devices: int, batch: int) -> list[Contender]:

@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 import statemap
 
 from .workload import RNNCell, raw_lane
-from .workloads_common import RAW, Contender, Counter, Workload, same_numbers
+from . import peers_brainstate, peers_equinox, peers_nnx
+from .workloads_common import RAW, Contender, Counter, Workload, add_peers, same_numbers
 from .workloads_models import lif
 
 AXIS = "devices"
@@ -70,13 +71,16 @@ def raw_loop(members: int, neurons: int, steps: int) -> Contender:
 
 def loop(quick: bool) -> Workload:
     members, neurons, steps = (4, 100, 50) if quick else (16, 1000, 1000)
-    return Workload(
+    workload = Workload(
         f"LIF loop, {steps} steps x {members} x {neurons} (jit)",
         [statemap_loop(members, neurons, steps), raw_loop(members, neurons, steps)],
         calls=2 if quick else 5,
         reps=3 if quick else 10,
         check=same_numbers(rtol=1e-5),
     )
+    builders = {"brainstate": peers_brainstate.loop, "Flax NNX": peers_nnx.loop, "Equinox": peers_equinox.loop}
+    add_peers(workload, {name: (lambda m, b=b: b(m, members, neurons, steps)) for name, b in builders.items()})
+    return workload
 
 
 def statemap_shard(mesh: Mesh) -> Contender:

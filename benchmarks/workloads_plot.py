@@ -22,7 +22,8 @@ def plot(rows: list[Row], path: str) -> None:
     for i, name in enumerate(names):
         xs = [w + (i - (len(names) - 1) / 2) * width for w in range(len(workloads))]
         ys = [ratio.get((workload, name), 0.0) for workload in workloads]
-        ax.bar(xs, ys, width, label=name, color="0.6" if name == RAW else None)
+        bars = ax.bar(xs, ys, width, label=name, color="0.6" if name == RAW else None)
+        ax.bar_label(bars, labels=[(f"{y:.0f}x" if y >= 10 else f"{y:.1f}x") if y >= 2 else "" for y in ys], fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_ylabel(f"median warm-call time / {RAW}'s (log scale)")
