@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -27,6 +28,9 @@ class PlanCache:
         self._plans_per_signature = plans_per_signature
         self._owner = owner
         self._warned = False
+        # Held while a plan is traced and compiled: one build at a time per
+        # cache, and a thread needing a plan being built waits for it.
+        self.building = threading.RLock()
         # Set by weakref callbacks, which may run in any thread at any time;
         # the pruning itself happens in the calling thread, under its lock.
         self._dead = False
@@ -108,19 +112,21 @@ class PlanCache:
 # as ``jax.jit(f)`` does. Identity, not equality: two objects that compare
 # equal may close over different states.
 _SHARED: dict[int, dict[Hashable, PlanCache]] = {}
+_SHARED_LOCK = threading.Lock()  # two threads building the same transform get one cache
 
 
 def shared_plans(fn: Callable[..., Any], options: Hashable, make: Callable[[], PlanCache]) -> PlanCache:
     """The plan cache of transforms of ``fn`` with ``options``; a private one if they cannot be keyed."""
-    by_options = _SHARED.get(id(fn))
-    try:
-        hash(options)
-        if by_options is None:
-            weakref.finalize(fn, _SHARED.pop, id(fn), None)
-            by_options = _SHARED[id(fn)] = {}
-    except TypeError:  # unhashable options, or a function without weak references
-        return make()
-    cache = by_options.get(options)
-    if cache is None:
-        cache = by_options[options] = make()
-    return cache
+    with _SHARED_LOCK:
+        by_options = _SHARED.get(id(fn))
+        try:
+            hash(options)
+            if by_options is None:
+                weakref.finalize(fn, _SHARED.pop, id(fn), None)
+                by_options = _SHARED[id(fn)] = {}
+        except TypeError:  # unhashable options, or a function without weak references
+            return make()
+        cache = by_options.get(options)
+        if cache is None:
+            cache = by_options[options] = make()
+        return cache

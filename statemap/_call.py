@@ -58,13 +58,13 @@ class Call:
         if self.static_kwargs:
             kwargs = {k: v for k, v in kwargs.items() if k not in mapping.static_argnames}
         self.dynamic = tuple(args[i] for i in self.positions) if self.statics else args
-        self.all_leaves, self.treedef = jax.tree.flatten((self.dynamic, kwargs))
+        self.all_leaves, self.treedef = jax.tree_util.tree_flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
         try:
             avals = tuple(map(fast_aval, self.leaves))
         except TypeError:
             avals = self._without_states()
-        identities = tuple((position, id(state)) for position, state in self.state_args)
+        identities = tuple((i, id(state)) for i, state in self.state_args) if self.state_args else ()
         statics = _static_key(self.statics + self.static_kwargs) if self.statics or self.static_kwargs else ()
         self.key: Hashable = (self.treedef, statics, avals, identities, _trace_settings(jax.config))
 

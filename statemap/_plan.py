@@ -12,7 +12,7 @@ import jax
 
 from ._catalogue import StateIn
 from ._jax_internals import vmap_batched
-from ._state import State
+from ._state import State, Watcher
 
 __all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
 
@@ -89,6 +89,22 @@ class Plan:
     returned: tuple[weakref.ref, ...] = attrs.field(init=False)
 
     writes: bool = attrs.field(init=False)
+    # Facts a warm call would otherwise recompute every time.
+    flat_ins: bool = attrs.field(init=False)
+    leaf_outs: bool = attrs.field(init=False)
+    checks: bool = attrs.field(init=False)
+
+    @flat_ins.default
+    def _flat_ins(self) -> bool:
+        return all(entry.is_leaf for entry in self.ins)
+
+    @leaf_outs.default
+    def _leaf_outs(self) -> bool:
+        return all(out.is_leaf for out in self.outs)
+
+    @checks.default
+    def _checks(self) -> bool:
+        return self.refusal is not None or bool(self.warnings)
 
     @returns_states.default
     def _returns_states(self) -> bool:
@@ -114,6 +130,24 @@ class Plan:
         if any(s is None for s in states) or any(ref() is None for ref in self.returned):
             return None
         return states  # type: ignore[return-value]
+
+    def values(self, watcher: Watcher | None) -> list[Any]:
+        """The input states' values as ``watcher`` (None: no watcher) sees them.
+
+        Raises:
+          StalePlan: a state the plan holds was garbage-collected.
+        """
+        if self.returned and any(ref() is None for ref in self.returned):
+            raise StalePlan()
+        if watcher is None:
+            try:
+                return [ref()._value for ref in self.refs]
+            except AttributeError:  # a dead state's ``ref()`` is None: cheaper than testing each
+                raise StalePlan() from None
+        states = self.states()
+        if states is None:
+            raise StalePlan()
+        return [watcher.read(s) for s in states]
 
     def fits(self, values: Sequence[Any]) -> bool:
         """Whether ``values`` (one per input state) have the structure and shapes planned for."""

@@ -36,8 +36,14 @@ class _Missing:
 MISSING: Any = _Missing()
 """The default of ``fn`` in ``vmap``/``pmap``/``jit``: without a function they return a decorator."""
 
-# One call at a time: two threads writing the same state must not interleave.
-_CALL_LOCK = threading.RLock()
+# Held while a call reads its states' values, dispatches its program and
+# writes the results back, so two calls touching the same state never
+# interleave. Dispatch is asynchronous, so it is held for microseconds;
+# tracing and compiling run outside it, under the plan cache's build lock.
+_RUN_LOCK = threading.RLock()
+
+# What ``_warm`` returns when no cached plan can run the call.
+_COLD: Any = object()
 
 
 class StatefulTransform(abc.ABC):
@@ -65,6 +71,8 @@ class StatefulTransform(abc.ABC):
     """Call signatures whose plans a transform keeps (least recently used out, with a warning)."""
     in_axes: Any = None
     axis_size: int | None = None
+    compile_ahead: bool = False
+    """Whether plans' programs are ``jax.jit`` functions, compiled before the first run (see ``_compile``)."""
 
     def __init__(
         self,
@@ -116,20 +124,52 @@ class StatefulTransform(abc.ABC):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(self, args, kwargs)
-        with _CALL_LOCK:
-            for rank, plan in enumerate(self._plans.get(call.key)):
-                try:
-                    out = self._run(plan, call, None)
-                except StalePlan:
-                    if plan.states() is None:
-                        self._plans.discard(call.key, plan)
-                    continue
-                if rank:
-                    self._plans.promote(call.key, plan)
+        while True:
+            with _RUN_LOCK:
+                out = self._warm(call)
+            if out is _COLD:
+                out = self._cold(call)
+            if out is not _COLD:
+                return out
+
+    def _warm(self, call: Call) -> Any:
+        """Run ``call`` with a cached plan (the caller holds ``_RUN_LOCK``); ``_COLD`` if none fits."""
+        for rank, plan in enumerate(self._plans.get(call.key)):
+            try:
+                out = self._run(plan, call, None)
+            except StalePlan:
+                if plan.states() is None:
+                    self._plans.discard(call.key, plan)
+                continue
+            if rank:
+                self._plans.promote(call.key, plan)
+            return out
+        return _COLD
+
+    def _cold(self, call: Call) -> Any:
+        """Trace and compile a plan for ``call``, then run it; ``_COLD`` if it went stale meanwhile.
+
+        Only this plan cache's build lock is held while tracing and compiling,
+        as ``jax.jit`` compiles one signature while other calls run: other
+        transforms' calls proceed, and a second thread wanting the same plan
+        waits for it instead of tracing it again.
+        """
+        with self._plans.building:
+            with _RUN_LOCK:
+                out = self._warm(call)  # built by another thread while this one waited
+            if out is not _COLD:
                 return out
             plan, made = self._build(call)
-            self._plans.add(call.key, plan)
-            return self._run(plan, call, made)
+            if self.compile_ahead:
+                self._compile(plan, call)
+            with _RUN_LOCK:
+                self._plans.add(call.key, plan)
+        with _RUN_LOCK:
+            try:
+                return self._run(plan, call, made)
+            except StalePlan:
+                # Another thread changed a state's shape between the trace and this run.
+                return _COLD
 
     def explain(self, *args: Any, **kwargs: Any) -> Explanation:
         """Show the plan for a call with these arguments without running it.
@@ -149,11 +189,13 @@ class StatefulTransform(abc.ABC):
           HiddenState 'h' (4, 2)  split on axis 0  unchanged  0x...
         """
         call = Call(self, args, kwargs)
-        with _CALL_LOCK:
-            plan = next((p for p in self._plans.get(call.key) if self._fits(p)), None)
+        with self._plans.building:
+            with _RUN_LOCK:
+                plan = next((p for p in self._plans.get(call.key) if self._fits(p)), None)
             if plan is None:
                 plan, _ = self._build(call)
-                self._plans.add(call.key, plan)
+                with _RUN_LOCK:
+                    self._plans.add(call.key, plan)
         return Explanation(self.api, self.__name__, plan, self._explain_lines(plan), self.has_lanes)
 
     def _trace(
@@ -224,23 +266,25 @@ class StatefulTransform(abc.ABC):
             warnings=decisions.warnings,
         )
 
-    def _fits(self, plan: Plan) -> bool:
-        states = plan.states()
-        return states is not None and plan.fits([read_through(current_watcher(), s) for s in states])
+    def _compile(self, plan: Plan, call: Call) -> None:
+        """Compile ``plan``'s program for this call's inputs, filling ``jax.jit``'s caches.
 
-    def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
-        states = plan.states()
-        if states is None or (plan.arg_refs and not call.passes(plan.arg_refs)):
-            raise StalePlan()
-        watcher = current_watcher()
-        values = [s._value for s in states] if watcher is None else [watcher.read(s) for s in states]
-        if plan.refusal is not None or plan.warnings:
-            if not plan.fits(values):
-                raise StalePlan()
-            if plan.refusal is not None:
-                raise BatchAxisError(plan.refusal)
-        if watcher is None and states and under_staging_trace():
-            raise baked_error(self.api, states[0])
+        The first run then neither traces nor compiles, so it holds the run
+        lock for a dispatch only. Inside another trace (inputs are tracers)
+        there is nothing to compile. A failure is left for the run to report
+        with its context (devices, stale shapes).
+        """
+        if current_watcher() is not None:
+            return
+        try:
+            inputs = self._inputs(plan, call, plan.values(None))
+            if not any(isinstance(x, jax.core.Tracer) for x in inputs):
+                plan.program.lower(*inputs).compile()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 (reported by the run, see above)
+            pass
+
+    def _inputs(self, plan: Plan, call: Call, values: Sequence[Any]) -> list[Any]:
+        """The program's flat inputs: the argument leaves, then every input state's leaves."""
         inputs = list(call.leaves)
         for value, entry in zip(values, plan.ins):
             if entry.is_leaf:
@@ -250,16 +294,33 @@ class StatefulTransform(abc.ABC):
             if treedef != entry.treedef:
                 raise StalePlan()
             inputs += leaves
+        return inputs
+
+    def _fits(self, plan: Plan) -> bool:
+        states = plan.states()
+        return states is not None and plan.fits([read_through(current_watcher(), s) for s in states])
+
+    def _run(self, plan: Plan, call: Call, made: list[State] | None) -> Any:
+        if plan.arg_refs and not call.passes(plan.arg_refs):
+            raise StalePlan()
+        watcher = current_watcher()
+        values = plan.values(watcher)
+        if plan.checks:
+            if not plan.fits(values):
+                raise StalePlan()
+            if plan.refusal is not None:
+                raise BatchAxisError(plan.refusal)
+        if watcher is None and plan.refs and under_staging_trace():
+            raise baked_error(self.api, plan.refs[0]())
+        inputs = [*call.leaves, *values] if plan.flat_ins else self._inputs(plan, call, values)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
-        outs = self._execute(plan, call, states, values, inputs)
+        outs = self._execute(plan, call, values, inputs)
         if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
             raise tracer_error(self.api, [s for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None])
         return commit(plan, outs, made, watcher)
 
-    def _execute(
-        self, plan: Plan, call: Call, states: Sequence[State], values: Sequence[Any], inputs: Sequence[Any]
-    ) -> Sequence[Any]:
+    def _execute(self, plan: Plan, call: Call, values: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
         try:
             outs = plan.program(*inputs)
             if plan.effects:
@@ -269,6 +330,7 @@ class StatefulTransform(abc.ABC):
             if not plan.fits(values):
                 raise StalePlan() from None
             if _committed_apart(inputs):
+                states = plan.states() or []
                 raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
             raise
         return outs

@@ -30,6 +30,7 @@ class VMapMapping(StatefulMapping):
     """
 
     api = "statemap.vmap"
+    compile_ahead = True
 
     def __init__(
         self,

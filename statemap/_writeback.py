@@ -6,8 +6,6 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-
 from ._plan import Plan
 from ._state import State, Watcher
 
@@ -24,12 +22,15 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     on later calls fresh copies of the plan's prototypes take their place.
     """
     pos = plan.num_user_leaves
-    states: list[Any] = []
-    values: list[Any] = []
-    for out in plan.outs:
-        states.append(out.ref())
-        values.append(out.value(outs, pos))
-        pos += out.num_leaves
+    states: list[Any] = [out.ref() for out in plan.outs]
+    if plan.leaf_outs:
+        values = list(outs[pos : pos + len(states)])
+        pos += len(states)
+    else:
+        values = []
+        for out in plan.outs:
+            values.append(out.value(outs, pos))
+            pos += out.num_leaves
     if plan.made and made is None:
         made = [copy.copy(p) for p in plan.prototypes]
         if watcher is not None:
@@ -54,7 +55,7 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     leaves = outs[: plan.num_user_leaves]
     if plan.returns_states:
         leaves = _with_states(plan, leaves, made or [])
-    return jax.tree.unflatten(plan.out_tree, leaves)
+    return plan.out_tree.unflatten(leaves)
 
 
 def _with_states(plan: Plan, arrays: Sequence[Any], made: list[State]) -> list[Any]:

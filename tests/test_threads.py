@@ -1,9 +1,12 @@
 """Mapped calls from several threads: correct, serialised, and never interleaved.
 
-statemap runs one call at a time (a process-wide lock around planning, the
-program and the write-back), and a ``StateTrace`` is thread-local. These tests
-run real threads against sequential oracles. pmap calls with collectives sync
-every step (JAX-NOTES fact 10).
+Reading a call's states, dispatching its program and writing the results
+back happen under one process-wide lock, so calls touching the same states
+never interleave; tracing and compiling happen outside it (under a lock per
+plan cache), so a cold call does not stall other threads' warm calls. A
+``StateTrace`` is thread-local. These tests run real threads against
+sequential oracles, and synchronise with events, never with time. pmap calls
+with collectives sync every step (JAX-NOTES fact 10).
 """
 
 import gc
@@ -14,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_concrete, assert_tree_allclose
+from helpers import assert_concrete, assert_tree_allclose, counted
 
 import statemap
 
@@ -309,3 +312,97 @@ def test_states_dying_in_other_threads_while_calls_run():
         sys.setswitchinterval(interval)
     gc.collect()
     assert_tree_allclose(shared(x, keep), jnp.full(B, 7.0))
+
+
+def blocked_while_traced(fn, tracing, release):
+    """``fn``, whose Python run (the trace) signals ``tracing`` and waits for ``release``."""
+
+    def blocked(*args):
+        tracing.set()
+        assert release.wait(TIMEOUT), "the test never released the trace"
+        return fn(*args)
+
+    return blocked
+
+
+def test_a_cold_call_does_not_stall_warm_calls_of_other_mappings():
+    warm_calls = 30
+    h = statemap.HiddenState(jnp.zeros((B, 2)), name="h")
+    total = statemap.LongTermState(jnp.zeros(()), name="total")
+    tracing, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        h.value = h.value + x
+        return h.value * 2
+
+    def warm(x):
+        total.value = total.value + jax.lax.psum(x, AX)
+        return total.value
+
+    cold_step = statemap.vmap(blocked_while_traced(slow, tracing, release), state_in_axes=statemap.HiddenState)
+    warm_step = statemap.vmap(warm, axis_name=AX, out_axes=None)
+    warm_step(jnp.zeros(B))  # compiled before the race
+    results = {}
+
+    def cold_thread():
+        results["cold"] = cold_step(jnp.ones((B, 2)))
+
+    def warm_thread():
+        assert tracing.wait(TIMEOUT)
+        # The cold call is inside its trace until ``release``: these must not wait for it.
+        results["warm"] = [float(warm_step(jnp.ones(B))) for _ in range(warm_calls)]
+        release.set()
+
+    threads = [threading.Thread(target=cold_thread), threading.Thread(target=warm_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    release.set()
+    assert not any(thread.is_alive() for thread in threads), "a warm call waited for the cold trace"
+    assert results["warm"] == [float(B * k) for k in range(1, warm_calls + 1)]
+    assert_tree_allclose(results["cold"], jnp.full((B, 2), 2.0))
+    assert_tree_allclose(h.value, jnp.ones((B, 2)))
+
+
+def test_writes_during_a_cold_call_of_the_same_state_are_not_lost():
+    # The cold call traces while another thread keeps adding to the same state:
+    # its run must read the value after those writes, not the one it traced with.
+    warm_calls = 20
+    total = statemap.LongTermState(jnp.zeros(()), name="total")
+    tracing, release = threading.Event(), threading.Event()
+
+    def add(x):
+        total.value = total.value + jax.lax.psum(x, AX)
+        return total.value
+
+    cold_add = counted(blocked_while_traced(add, tracing, release))
+    cold_step = statemap.vmap(cold_add, axis_name=AX, out_axes=None)
+    warm_step = statemap.vmap(add, axis_name=AX, out_axes=None)
+    warm_step(jnp.zeros(B))
+    seen = {}
+
+    def cold_thread(i):
+        if i == 0:
+            seen["cold"] = float(cold_step(jnp.full(B, 100.0)))
+        else:  # the same mapping, the same signature: waits for the plan, traced once
+            assert tracing.wait(TIMEOUT)
+            seen["second"] = float(cold_step(jnp.full(B, 100.0)))
+
+    def warm_thread():
+        assert tracing.wait(TIMEOUT)
+        seen["warm"] = [float(warm_step(jnp.ones(B))) for _ in range(warm_calls)]
+        release.set()
+
+    threads = [threading.Thread(target=cold_thread, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=warm_thread))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    release.set()
+    assert not any(thread.is_alive() for thread in threads)
+    assert seen["warm"] == [float(B * k) for k in range(1, warm_calls + 1)]
+    assert float(total.value) == B * warm_calls + 2 * B * 100.0
+    assert sorted([seen["cold"], seen["second"]]) == [B * warm_calls + B * 100.0, B * warm_calls + 2 * B * 100.0]
+    assert cold_add.runs == 1
