@@ -24,7 +24,7 @@ from ._catalogue import LaneRecorder
 from ._state import State, describe
 from .errors import AxisNameError, StatemapError, TracedStateError
 
-__all__ = ["diagnosing", "user_axis_name"]
+__all__ = ["diagnosing"]
 
 _PRIVATE_AXIS = "statemap-"
 _UNBOUND = re.compile(r"unbound axis name: (.+?)(?:\. To fix this|$)", re.S)
@@ -40,7 +40,7 @@ class _Bound(threading.local):
 _BOUND = _Bound()
 
 
-def user_axis_name(name: Hashable | None) -> Hashable | None:
+def _user_axis_name(name: Hashable | None) -> Hashable | None:
     """``name``, or None for no name or one statemap made up for an unnamed mapping."""
     if isinstance(name, str) and name.startswith(_PRIVATE_AXIS):
         return None
@@ -55,11 +55,10 @@ def diagnosing(api: str, axis_name: Hashable | None, recorder: LaneRecorder) -> 
     enclosing mappings bind; a branch on a state's value a ``TracedStateError``
     naming the state. Other errors pass through unchanged.
     """
-    saved = _BOUND.names
-    name = user_axis_name(axis_name)
-    if name is not None:
-        _BOUND.names = (*saved, name)
+    saved, name = _BOUND.names, _user_axis_name(axis_name)
     try:
+        if name is not None:
+            _BOUND.names = (*saved, name)
         yield
     except (NameError, TypeError) as err:
         clearer = _diagnose(api, err, recorder)
