@@ -160,7 +160,7 @@ class StatefulTransform(abc.ABC):
             if out is not _COLD:
                 return out
             plan, made = self._build(call)
-            if self.compile_ahead:
+            if self.compile_ahead and plan.refusal is None:  # a refused plan never runs
                 self._compile(plan, call)
             with _RUN_LOCK:
                 self._plans.add(call.key, plan)
