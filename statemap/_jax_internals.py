@@ -22,6 +22,7 @@ from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import batching
 from jax._src.interpreters import partial_eval as pe
+from jax._src.lax import lax as lax_internal
 
 __all__ = [
     "AxisSizeNeeded",
@@ -33,6 +34,7 @@ __all__ = [
     "trace_lane",
     "under_staging_trace",
     "vmap_batched",
+    "weakly_typed",
 ]
 
 Aval = Any
@@ -216,3 +218,12 @@ def vmap_batched(
     mapped = jax.vmap(probe, in_axes=tuple(in_axes), out_axes=None, axis_name=axis_name, axis_size=axis_size)
     jax.eval_shape(mapped, *inputs)
     return flags
+
+
+def weakly_typed(x: Any) -> Any:
+    """``x`` with a weak type, as if made from a Python scalar (same dtype and values).
+
+    JAX's transfers between processes drop weak types; a program traced for a
+    weakly typed input gets it back with this.
+    """
+    return lax_internal._convert_element_type(x, weak_type=True)

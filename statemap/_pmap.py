@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._plan import Plan
 from ._policy import PolicyName
+from ._processes import WeakTypes
 
 __all__ = ["PMapMapping", "pmap"]
 
@@ -98,7 +99,11 @@ class PMapMapping(StatefulMapping):
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         devices, backend = self.devices, self.backend  # the program must not keep the mapping alive
 
+        weak = WeakTypes() if jax.process_count(backend) > 1 else None
+
         def lane(*inputs: Any) -> tuple[Any, ...]:
+            if weak is not None:
+                inputs = tuple(weak.restore(inputs))
             return tuple(spec.lane_fn(jax.lax.axis_index(spec.axis_name), *inputs))
 
         def pmapped(fn: Callable[..., Any], in_axes: tuple[int | None, ...], donated: tuple[int, ...]) -> Any:
@@ -119,12 +124,14 @@ class PMapMapping(StatefulMapping):
         homes = [NamedSharding(mesh, _partition(a, spec.axis_name)) for a in spec.in_axes]
         first_device = lanes[0]
         if any(axis is not None for axis in spec.in_axes):
-            return _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, len(lanes), first_device, homes)
-        # jax.pmap needs a mapped input even with axis_size: give it the lane
-        # indices, sharded once so that calls do not copy them to the devices.
-        indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(len(lanes)))
-        program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
-        return _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, len(lanes), first_device, homes)
+            run = _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, len(lanes), first_device, homes)
+        else:
+            # jax.pmap needs a mapped input even with axis_size: give it the lane
+            # indices, sharded once so that calls do not copy them to the devices.
+            indices = jax.pmap(lambda i: i, devices=devices, backend=backend)(jnp.arange(len(lanes)))
+            program = pmapped(lambda _, *inputs: lane(*inputs), (0, *spec.in_axes), tuple(i + 1 for i in spec.donated))
+            run = _placing(lambda *inputs: program(indices, *inputs), spec.in_axes, len(lanes), first_device, homes)
+        return run if weak is None else weak.recording(run)
 
     def _local_devices(self) -> list[jax.Device]:
         """The devices of this map that belong to this process (all of them, in one process)."""

@@ -19,6 +19,7 @@ from ._mapping import MapSpec, StatefulMapping
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
+from ._processes import WeakTypes
 from ._transform import MISSING
 
 __all__ = ["ShardMapMapping", "shard_map"]
@@ -90,8 +91,12 @@ class ShardMapMapping(StatefulMapping):
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         name = spec.axis_name
 
+        weak = WeakTypes() if jax.process_count() > 1 else None
+
         def block(*blocks: Any) -> list[Any]:
             inputs = [b if a is None else jnp.squeeze(b, a) for b, a in zip(blocks, spec.in_axes)]
+            if weak is not None:
+                inputs = weak.restore(inputs)
             outs = spec.lane_fn(jax.lax.axis_index(name), *inputs)
             return [o if a is None else jnp.expand_dims(o, a) for o, a in zip(outs, spec.out_axes)]
 
@@ -106,8 +111,8 @@ class ShardMapMapping(StatefulMapping):
             check_vma=False,
         )
         program = jax.jit(mapped, donate_argnums=spec.donated)
-        if jax.process_count() > 1:
-            return _across_processes(program, self.mesh, spec)
+        if weak is not None:
+            return weak.recording(_across_processes(program, self.mesh, spec))
         placed = _Placed([NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes])
         return lambda *inputs: program(*placed(inputs))
 
@@ -174,7 +179,8 @@ def _across_processes(program: Callable[..., Any], mesh: Mesh, spec: MapSpec) ->
     placed = _Placed([NamedSharding(mesh.local_mesh, s) for s in in_specs])
 
     def run(*inputs: Any) -> Sequence[Any]:
-        inputs = tuple(multihost_utils.host_local_array_to_global_array(placed(inputs), mesh, in_specs))
+        arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in inputs]  # Python scalars too
+        inputs = tuple(multihost_utils.host_local_array_to_global_array(placed(arrays), mesh, in_specs))
         return multihost_utils.global_array_to_host_local_array(list(program(*inputs)), mesh, out_specs)
 
     return run
