@@ -6,8 +6,9 @@ A :class:`Program` describes a mapped call: the axis size, the arguments
 lane function as a list of operations. Being plain data, hypothesis can shrink
 it, and the same description is interpreted twice:
 
-* :func:`run_statemap` builds real ``State`` objects, closes the lane function
-  over them and calls ``statemap.vmap``/``statemap.pmap``;
+* :func:`make_mapping` builds the mapping under test (``statemap.vmap``,
+  ``pmap``, ``shard_map``, or ``LaxMapMapping`` for ``statemap.map``) over
+  a lane function closed over real ``State`` objects;
 * :func:`oracle` threads the same values explicitly through ``jax.vmap`` /
   ``jax.pmap`` (state values in, new state values out) and decides by itself,
   from the program's structure (:func:`analyse`), which values are batched and
@@ -15,6 +16,10 @@ it, and the same description is interpreted twice:
   For vmap, JAX confirms the oracle's batched-ness claims: the oracle maps
   not-batched values with ``out_axes=None`` (JAX rejects a batched one), and a
   predicted refusal is checked with ``jax.vmap(..., out_axes=None)``.
+
+The mapping under test is a parameter of :func:`programs`, which draws only
+what it can express (``statemap.map``: no collectives, no ``axis_size``,
+arguments and outputs on axis 0, and a ``batch_size``).
 
 Lane operations (acc is a float32 scalar register, cnt an int32 counter that
 only a ``scan`` advances, so it is never batched):
@@ -36,7 +41,8 @@ only a ``scan`` advances, so it is never batched):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +176,7 @@ class Program:
     explain: bool = False
     data_seed: int = 0
     pack: bool = False  # positional array args go in one dict argument (in_axes a pytree prefix)
+    batch_size: int | None = None  # statemap.map only: lanes per chunk
 
     @property
     def positional(self) -> list[Any]:
@@ -581,9 +588,11 @@ def mutated(prog: Program, values: dict[int, Any]) -> dict[int, Any]:
     for j, s in enumerate(prog.states):
         if s.kind == "random":
             continue
-        out[j] = jax.tree.map(lambda x: jnp.asarray(x) * -0.5 + 0.25, values[j])
+        # In NumPy: eager JAX would compile each operation for each new shape.
+        new = jax.tree.map(lambda x: np.asarray(x) * np.float32(-0.5) + np.float32(0.25), values[j])
         if prog.mutate == "shapes" and entry_axis(s) is None:
-            out[j] = jax.tree.map(lambda x, y: jnp.stack([jnp.asarray(x), y]), values[j], out[j])
+            new = jax.tree.map(lambda x, y: np.stack([np.asarray(x), y]), values[j], new)
+        out[j] = jax.tree.map(jnp.asarray, new)
     return out
 
 
@@ -720,13 +729,13 @@ def make_mapping(prog: Program, states: list[statemap.State], which: str) -> sta
         return interpret(prog, StatemapEnv(lane_states, args))
 
     keywords: dict[str, Any] = {
-        "in_axes": in_axes(prog),
-        "out_axes": out_axes(prog),
-        "axis_size": prog.n if prog.axis_size else None,
         "state_in_axes": state_in_axes(prog, states),
         "state_out_axes": state_out_axes(prog, states),
         "unexpected_out_state_mapping": prog.policy,
     }
+    if which == "map":  # a program built for it: every argument and output on axis 0
+        return statemap.LaxMapMapping(fn, batch_size=prog.batch_size, **keywords)
+    keywords.update(in_axes=in_axes(prog), out_axes=out_axes(prog), axis_size=prog.n if prog.axis_size else None)
     if which == "vmap":
         return statemap.vmap(fn, axis_name=prog.axis_name, **keywords)
     if which == "shard_map":  # one lane per device, checked against the pmap oracle
@@ -787,8 +796,36 @@ def _exit(prog: Program, j: int, batched: bool) -> tuple[str, int | None]:
     return ("warned" if prog.policy == "warn" else "stacked"), 0
 
 
-def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str) -> Expected:
-    """Run the program by hand through ``jax.vmap`` (or ``jax.pmap``): values in, values out."""
+def on_devices(which: str) -> bool:
+    """Whether statemap's ``which`` runs one lane per device (its oracle is ``jax.pmap``)."""
+    return which in ("pmap", "shard_map")
+
+
+def oracle_lane(prog: Program) -> tuple[Callable[..., Any], list[set[int]]]:
+    """The pure lane function: (arg values, state values) -> (outputs, written values, created
+    values); and the list where each trace of it records which states it wrote."""
+    num_args = len(prog.args)
+    lane_written: list[set[int]] = []
+
+    def lane(*xs: Any) -> Any:
+        env = OracleEnv(list(xs[:num_args]), dict(enumerate(xs[num_args:])))
+        outs, made = interpret(prog, env)
+        written = {j: env.values[j] for j in env.written if not is_lane_key(prog.states[j])}
+        lane_written.append(set(env.written))
+        return outs, written, made
+
+    return lane, lane_written
+
+
+def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str, compiled: dict[Any, Any] | None = None) -> Expected:
+    """Run the program by hand through ``jax.vmap`` (``jax.pmap`` for a mapping on devices):
+    values in, values out. ``statemap.map`` promises vmap's numbers: its oracle is ``jax.vmap``.
+
+    ``compiled``: a dict the caller keeps between calls of one program, where
+    the oracle keeps its lane function and compiled programs, so a call with
+    the same shapes as an earlier one compiles nothing.
+    """
+    compiled = {} if compiled is None else compiled
     n, info = prog.n, analyse(prog)
     inputs: list[Any] = []
     axes: list[Any] = []
@@ -805,16 +842,9 @@ def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str) -
         else:
             inputs.append(v)
             axes.append(tree_axes(entry_axis(s), v))
-    num_args = len(prog.args)
-    lane_written: list[set[int]] = []
-
-    def lane(*xs: Any) -> Any:
-        env = OracleEnv(list(xs[:num_args]), dict(enumerate(xs[num_args:])))
-        outs, made = interpret(prog, env)
-        written = {j: env.values[j] for j in env.written if not is_lane_key(prog.states[j])}
-        lane_written.append(set(env.written))
-        return outs, written, made
-
+    if "lane" not in compiled:
+        compiled["lane"] = oracle_lane(prog)
+    lane, lane_written = compiled["lane"]
     name = prog.axis_name or "oracle"
     shapes = jax.eval_shape(
         jax.vmap(lane, in_axes=tuple(axes), out_axes=0, axis_name=name, axis_size=n), *inputs
@@ -839,7 +869,7 @@ def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str) -
     if bad_outputs or any(how == "refused" for how, _ in exits.values()):
         expected.rejection = "output" if bad_outputs else "state"
         expected.refused = sorted(j for j, (how, _) in exits.items() if how == "refused")
-        if which == "vmap":
+        if not on_devices(which):
             # JAX must agree that these values vary across lanes.
             try:
                 jax.eval_shape(jax.vmap(lane, in_axes=tuple(axes), out_axes=tree, axis_name=name, axis_size=n), *inputs)
@@ -851,9 +881,13 @@ def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str) -
         return expected
     expected.warned = sorted(j for j, (how, _) in exits.items() if how == "warned")
 
-    if which == "vmap":
+    key = (which, repr(axes), repr(tree))  # the same axes for the same shapes: a compiled program
+    if not on_devices(which):
+        if key not in compiled:
+            # Under jax.jit: one compilation, not one per primitive and shape.
+            compiled[key] = jax.jit(jax.vmap(lane, in_axes=tuple(axes), out_axes=tree, axis_name=name, axis_size=n))
         try:
-            result = jax.vmap(lane, in_axes=tuple(axes), out_axes=tree, axis_name=name, axis_size=n)(*inputs)
+            result = compiled[key](*inputs)
         except ValueError as err:
             if "out_axes is None" in str(err):
                 raise OracleError(f"the oracle thought a value unbatched, JAX disagrees: {err}") from err
@@ -863,11 +897,9 @@ def oracle(prog: Program, values: dict[int, Any], args: list[Any], which: str) -
         # Inputs go through the host first: jax.pmap 0.10.2 rejects an array sharded
         # by an earlier pmap on a broadcast input, and a committed one on a mapped one.
         inputs = [jax.tree.map(to_host, x) for x in inputs]
-        program = jax.pmap(
-            lambda _, *xs: lane(*xs), axis_name=name, in_axes=(0, *axes), out_axes=tree
-        )
-        result = program(np.arange(n), *inputs)
-        result = jax.block_until_ready(result)
+        if key not in compiled:
+            compiled[key] = jax.pmap(lambda _, *xs: lane(*xs), axis_name=name, in_axes=(0, *axes), out_axes=tree)
+        result = jax.block_until_ready(compiled[key](np.arange(n), *inputs))
     outs, written, made = result
     expected.outs, expected.made = tuple(outs), tuple(made)
     expected.values = dict(values)
@@ -890,15 +922,18 @@ def axis_in(rank: int) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def arg_defs(draw: Any) -> Arg:
+def arg_defs(draw: Any, leading: bool = False) -> Arg:
+    """An argument; ``leading``: mapped on axis 0 (``statemap.map`` maps every argument so)."""
     shape = draw(lane_shapes)
-    if draw(st.booleans()):
-        return Arg(shape, 0, keyword=True) if draw(st.integers(0, 4)) == 0 else Arg(shape, draw(axis_in(len(shape) + 1)))
+    if leading or draw(st.booleans()):
+        keyword = draw(st.integers(0, 4)) == 0
+        return Arg(shape, 0, keyword=True) if keyword else Arg(shape, 0 if leading else draw(axis_in(len(shape) + 1)))
     return Arg(shape, None)
 
 
 @st.composite
-def state_defs(draw: Any, multi_call: bool) -> StateDef:
+def state_defs(draw: Any, multi_call: bool, leading: bool = False) -> StateDef:
+    """A state; ``leading``: a State argument is mapped on axis 0 (as ``statemap.map`` maps it)."""
     kind = draw(st.sampled_from(["split", "broadcast", "random", "argstate", "split", "broadcast"]))
     cls = draw(st.sampled_from(sorted(STATE_CLASSES)))
     out_select = draw(st.sampled_from(FORMS))
@@ -922,7 +957,7 @@ def state_defs(draw: Any, multi_call: bool) -> StateDef:
         axis = draw(axis_in(rank))
         select = draw(st.sampled_from(FORMS))
     elif kind == "argstate":
-        axis = draw(st.one_of(st.none(), axis_in(rank)))
+        axis = 0 if leading else draw(st.one_of(st.none(), axis_in(rank)))
         select = "none"
     else:
         axis = None
@@ -944,8 +979,11 @@ def _srcs(num_args: int, plain: list[int], made: int) -> list[tuple[str, int]]:
 
 
 @st.composite
-def op_defs(draw: Any, num_args: int, plain: list[int], randoms: list[int], made: int, named: bool) -> Any:
-    """One lane operation over what exists so far (``made`` states created by earlier operations)."""
+def op_defs(draw: Any, num_args: int, plain: list[int], randoms: list[int], made: int, named: bool, leading: bool) -> Any:
+    """One lane operation over what exists so far (``made`` states created by earlier operations).
+
+    ``leading``: every output is stacked on axis 0 (``statemap.map``'s only ``out_axes``).
+    """
     srcs = _srcs(num_args, plain, made)
     targets = [("state", j) for j in plain] + [("made", k) for k in range(made)]
     kinds = ["create", "out", "out", "out", "scan"]
@@ -979,24 +1017,51 @@ def op_defs(draw: Any, num_args: int, plain: list[int], randoms: list[int], made
     if kind == "create":
         return Create(draw(lane_shapes), draw(terms))
     src = draw(st.sampled_from(["acc", "cnt", *srcs, *[("key", j) for j in randoms for _ in range(3)]]))
+    if leading:
+        return Out(src, 0)
     axis = draw(st.integers(-3, 2)) if src not in ("acc", "cnt") else draw(axis_in(1))
     return Out(src, None if draw(st.integers(0, 3)) == 0 else axis)
 
 
+def batch_sizes(n: int) -> list[int | None]:
+    """One ``batch_size`` of each kind an axis of ``n`` lanes allows (see :func:`batch_kind`)."""
+    kinds = {batch_kind(n, b): b for b in (n + 1, n - 1, 2, n, 1, None) if b is None or b >= 1}
+    return sorted(kinds.values(), key=lambda b: -1 if b is None else b)
+
+
+def batch_kind(n: int, batch_size: int | None) -> str:
+    """What ``batch_size`` is to an axis of ``n`` lanes (for hypothesis's statistics)."""
+    if batch_size is None:
+        return "None"
+    if batch_size == 1:
+        return "1"
+    if batch_size > n:
+        return "larger than the axis"
+    return "the whole axis" if batch_size == n else "a divisor" if n % batch_size == 0 else "a remainder chunk"
+
+
 @st.composite
-def programs(draw: Any, max_states: int = 4, max_ops: int = 8, batched_write: bool = False) -> Program:
-    """Small stateful programs; ``batched_write`` adds a batched write to a broadcast state (the policy case)."""
+def programs(draw: Any, which: str = "vmap", max_states: int = 4, max_ops: int = 8, batched_write: bool = False) -> Program:
+    """Small stateful programs that ``which`` can express.
+
+    ``batched_write`` adds a batched write to a broadcast state (the policy
+    case). For ``'map'`` (``statemap.map``: no axis name, no ``axis_size``,
+    every argument and output on axis 0) there are no collectives, arguments
+    and outputs sit on axis 0, something mapped gives the axis size, and the
+    program carries a ``batch_size``.
+    """
+    leading = which == "map"
     n = draw(st.integers(1, 4))
     calls = draw(st.sampled_from([1, 1, 2, 3]))
-    args = tuple(draw(st.lists(arg_defs(), max_size=3)))
-    states = tuple(draw(st.lists(state_defs(calls > 1), min_size=1, max_size=max_states)))
-    named = draw(st.booleans())
+    args = tuple(draw(st.lists(arg_defs(leading), max_size=3)))
+    states = tuple(draw(st.lists(state_defs(calls > 1, leading), min_size=1, max_size=max_states)))
+    named = not leading and draw(st.booleans())
     plain = [j for j, s in enumerate(states) if s.kind != "random"]
     randoms = [j for j, s in enumerate(states) if s.kind == "random"]
     ops: list[Any] = []
     made = 0
     for _ in range(draw(st.integers(1 if batched_write else 2, max_ops))):
-        op = draw(op_defs(len(args), plain, randoms, made, named))
+        op = draw(op_defs(len(args), plain, randoms, made, named, leading))
         made += isinstance(op, Create)
         ops.append(op)
     if batched_write:
@@ -1016,11 +1081,14 @@ def programs(draw: Any, max_states: int = 4, max_ops: int = 8, batched_write: bo
         ops.insert(draw(st.integers(0, len(ops))), write)
     prog = Program(n=n, args=args, states=states, ops=tuple(ops), axis_name="i" if named else None)
     prog = dataclasses.replace(prog, ops=tuple(_clamp_outs(prog, ops)))
+    if leading and needs_axis_size(prog):
+        # statemap.map takes no axis_size: an argument no operation reads gives it.
+        prog = dataclasses.replace(prog, args=(*args, Arg((), 0)))
     groups = len({entry_axis(s) if s.kind != "argstate" else s.axis for s in states if s.select != "none"})
     return dataclasses.replace(
         prog,
         policy=draw(st.sampled_from(["raise", "warn", "ignore"])),
-        axis_size=needs_axis_size(prog) or draw(st.booleans()),
+        axis_size=not leading and (needs_axis_size(prog) or draw(st.booleans())),
         in_axes_int=draw(st.booleans()),
         out_axes_int=draw(st.booleans()),
         in_order=tuple(draw(st.permutations(range(groups)))),
@@ -1033,6 +1101,7 @@ def programs(draw: Any, max_states: int = 4, max_ops: int = 8, batched_write: bo
         explain=draw(st.booleans()),
         data_seed=draw(st.integers(0, 2**16)),
         pack=draw(st.booleans()),
+        batch_size=draw(st.sampled_from(batch_sizes(n))) if leading else None,
     )
 
 
@@ -1080,6 +1149,7 @@ class Nested:
     outer_split: tuple[int, ...]
     outer_policy: str = "raise"
     outer_broadcast: tuple[int, ...] = ()
+    batch_size: int | None = None  # an outer statemap.map's
 
     def outer_lane_key(self, j: int) -> bool:
         return self.prog.states[j].kind == "random" and j not in self.outer_split + self.outer_broadcast
@@ -1102,26 +1172,29 @@ def nested_values(nest: Nested) -> dict[int, Any]:
     return values
 
 
-def make_nested(nest: Nested, states: list[statemap.State], args: list[Any], which: str) -> statemap.StatefulMapping:
+def make_nested(nest: Nested, states: list[statemap.State], args: list[Any], which: str) -> Callable[[], Any]:
+    """The outer call, taking no arguments."""
     inner = make_mapping(nest.prog, states, "vmap")
     pos, kw = call_arguments(nest.prog, states, args)
 
-    def outer_fn() -> Any:
+    def outer_fn(*_: Any) -> Any:
         return inner(*pos, **kw)
 
     axes = {0: [states[j] for j in nest.outer_split], None: [states[j] for j in nest.outer_broadcast]}
     keywords: dict[str, Any] = {
-        "axis_size": nest.m,
         "state_in_axes": {k: v for k, v in axes.items() if v} or None,
         "unexpected_out_state_mapping": nest.outer_policy,
     }
+    if which == "map":  # no axis_size: an argument the lanes ignore gives it
+        return functools.partial(statemap.LaxMapMapping(outer_fn, batch_size=nest.batch_size, **keywords), np.zeros(nest.m))
+    keywords["axis_size"] = nest.m
     if which == "vmap":
         return statemap.vmap(outer_fn, **keywords)
     return statemap.pmap(outer_fn, "outer", **keywords)
 
 
 def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: str) -> Expected:
-    """The inner oracle (itself a jax.vmap) under an outer ``jax.vmap``/``jax.pmap``."""
+    """The inner oracle (itself a jax.vmap) under an outer ``jax.vmap`` (``jax.pmap`` for ``which='pmap'``)."""
     prog, m = nest.prog, nest.m
     inner = oracle(prog, {j: jax.tree.map(lambda x: x[0], v) if j in nest.outer_split else v for j, v in values.items()}, args, "vmap")
     if inner.rejection:
@@ -1165,8 +1238,8 @@ def nested_oracle(nest: Nested, values: dict[int, Any], args: list[Any], which: 
         return got.outs, got.made, {j: got.values[j] for j in changed if exits[j] != "advanced"}
 
     out_axes = (0, 0, {j: None if exits[j] == "as_is" else 0 for j in changed if exits[j] != "advanced"})
-    if which == "vmap":
-        outs, made, new = jax.vmap(outer_lane, in_axes=(in_axes,), out_axes=out_axes, axis_size=m)(inputs)
+    if not on_devices(which):
+        outs, made, new = jax.jit(jax.vmap(outer_lane, in_axes=(in_axes,), out_axes=out_axes, axis_size=m))(inputs)
     else:
         inputs = {j: jax.tree.map(to_host, v) for j, v in inputs.items()}
         program = jax.pmap(lambda _, vals: outer_lane(vals), axis_name="outer", in_axes=(0, in_axes), out_axes=out_axes)
@@ -1213,7 +1286,8 @@ def nested_programs(draw: Any) -> Nested:
         prog = dataclasses.replace(prog, ops=tuple(ops))
         prog = dataclasses.replace(prog, axis_size=prog.axis_size or needs_axis_size(prog))
     policy = draw(st.sampled_from(["raise", "warn", "ignore"]))
-    return Nested(prog, draw(st.integers(1, 3)), split, policy, broadcast)
+    m = draw(st.integers(1, 3))
+    return Nested(prog, m, split, policy, broadcast, draw(st.sampled_from(batch_sizes(m))))
 
 
 # ---------------------------------------------------------------------------

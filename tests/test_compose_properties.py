@@ -13,8 +13,10 @@ The same description is interpreted twice:
 
 * through statemap's transforms, called bare, under ``statemap.jit``, or
   mapped by ``statemap.vmap`` (alone, inside ``jit``, around ``jit``, as the
-  step of a ``statemap.for_loop``, which may itself be inside ``jit``) or
-  ``statemap.pmap`` (``a``, ``p``, ``c`` split, ``q`` broadcast, per-lane keys);
+  step of a ``statemap.for_loop``, which may itself be inside ``jit``),
+  ``statemap.pmap``, ``statemap.shard_map`` or ``statemap.map`` (alone or
+  inside ``jit``, with a ``batch_size``) (``a``, ``p``, ``c`` split, ``q``
+  broadcast, per-lane keys);
 * eagerly: branches as Python ``if`` on concrete values, loops as Python
   loops, gradients by ``jax.grad`` with the parameter threaded explicitly,
   and for a mapping one lane at a time on fresh states holding that lane's
@@ -29,8 +31,9 @@ Profiles (registered here as ``statemap-compose-ci`` / ``-long``, beside
 tests/test_properties.py's ``statemap-ci`` / ``-long``, chosen by the same
 ``STATEMAP_HYPOTHESIS_PROFILE`` variable):
 
-* ``ci`` (default): 5 examples, derandomized, plus two fixed programs that
-  nest every transform; about 25 seconds of CPU.
+* ``ci`` (default): 4 examples, derandomized, plus three fixed programs that
+  nest every transform (under ``jit(for_loop(vmap))``, ``pmap`` and
+  ``jit(map)``); about 20 seconds of CPU.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_compose_properties.py``: 300 randomized examples (about 15
   minutes on 2 cores).
@@ -48,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_concrete, assert_keys_equal, lane_keys
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import statemap
@@ -70,7 +73,7 @@ _COMMON: dict[str, Any] = {
     "print_blob": True,
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 }
-settings.register_profile("statemap-compose-ci", derandomize=True, database=None, max_examples=5, **_COMMON)
+settings.register_profile("statemap-compose-ci", derandomize=True, database=None, max_examples=4, **_COMMON)
 settings.register_profile("statemap-compose-long", derandomize=False, max_examples=300, **_COMMON)
 
 PROFILE = os.environ.get("STATEMAP_HYPOTHESIS_PROFILE", "ci")
@@ -178,7 +181,9 @@ class Jit:
 
 # How the whole program is called: bare or under jit (the program sees one member), or
 # mapped over members (alone, inside or around jit, or as the step of a 2-step for_loop).
-OUTERS = ("bare", "jit", "vmap", "jit(vmap)", "vmap(jit)", "for_loop(vmap)", "jit(for_loop(vmap))", "pmap")
+OUTERS = ("bare", "jit", "vmap", "jit(vmap)", "vmap(jit)", "for_loop(vmap)", "jit(for_loop(vmap))", "pmap", "shard_map", "map", "jit(map)")
+ON_DEVICES = ("pmap", "shard_map")
+MAPS = ("map", "jit(map)")  # statemap.map, with a batch_size
 STEPS = 2  # the steps of the for_loop outers
 
 
@@ -189,6 +194,7 @@ class Program:
     n: int  # lanes, for a mapping
     seed: int
     typed: bool
+    batch_size: int | None = None  # for statemap.map
 
 
 def iter_ops(ops: tuple) -> Any:
@@ -256,8 +262,9 @@ def _ops(depth: int) -> st.SearchStrategy:
 def programs(draw: Any) -> Program:
     ops = tuple(draw(st.lists(_ops(2), min_size=1, max_size=5)))
     outer = draw(st.sampled_from(OUTERS))
-    n = draw(st.integers(2, 4 if outer == "pmap" else 3))
-    return Program(ops, outer, n, draw(st.integers(0, 2**16)), draw(st.booleans()))
+    n = draw(st.integers(2, 4 if outer in ON_DEVICES else 3))
+    batch_size = draw(st.sampled_from([None, 1, 2, n + 1])) if outer in MAPS else None
+    return Program(ops, outer, n, draw(st.integers(0, 2**16)), draw(st.booleans()), batch_size)
 
 
 # ---------------------------------------------------------------------------
@@ -488,6 +495,12 @@ def transformed(prog: Program, m: Model) -> Any:
         return lambda xs: statemap.for_loop(statemap.vmap(fn, state_in_axes=split), xs)
     if prog.outer == "jit(for_loop(vmap))":
         return statemap.jit(lambda xs: statemap.for_loop(statemap.vmap(fn, state_in_axes=split), xs))
+    if prog.outer == "map":
+        return statemap.LaxMapMapping(fn, batch_size=prog.batch_size, state_in_axes=split)
+    if prog.outer == "jit(map)":
+        return statemap.jit(statemap.LaxMapMapping(fn, batch_size=prog.batch_size, state_in_axes=split))
+    if prog.outer == "shard_map":
+        return statemap.shard_map(fn, "d", devices=jax.devices()[: prog.n], state_in_axes=split)
     assert prog.outer == "pmap"
     return statemap.pmap(fn, axis_name="d", devices=jax.devices()[: prog.n], state_in_axes=split)
 
@@ -536,7 +549,7 @@ def check(prog: Program) -> None:
             eager.q.value = eager.q.value + 1
         x = argument(prog, call)
         out = fn(x)
-        if prog.outer == "pmap":
+        if prog.outer in ON_DEVICES:
             jax.block_until_ready((out, [s.value for s in mine.states]))
         expected = eager_call(prog, eager, x)
         assert_close(out, expected, f"call {call}: outputs")
@@ -551,6 +564,9 @@ def check(prog: Program) -> None:
 @SETTINGS
 @given(programs())
 def test_transformed_program_equals_eager_program(prog: Program) -> None:
+    event(f"outer {prog.outer}" + ("" if prog.batch_size is None else f", batch_size {prog.batch_size}"))
+    for kind in sorted({type(op).__name__ if not isinstance(op, Loop) else op.kind for op in iter_ops(prog.ops)}):
+        event(f"op {kind}")
     check(prog)
 
 
@@ -566,6 +582,6 @@ _EVERYTHING = (
 )
 
 
-@pytest.mark.parametrize("outer", ["jit(for_loop(vmap))", "pmap"])
+@pytest.mark.parametrize("outer", ["jit(for_loop(vmap))", "pmap", "jit(map)"])
 def test_every_transform_nested_in_one_program(outer):
-    check(Program(_EVERYTHING, outer, 3, seed=7, typed=outer == "pmap"))
+    check(Program(_EVERYTHING, outer, 3, seed=7, typed=outer == "pmap", batch_size=2 if outer in MAPS else None))

@@ -15,23 +15,28 @@ Each program runs through ``statemap.vmap`` / ``statemap.pmap`` /
 ``statemap.shard_map`` (against the pmap oracle) and through an
 oracle that threads the same values through ``jax.vmap`` / ``jax.pmap``; the
 outputs and every state's new value must agree, or both must refuse the
-program, leaving every state exactly as it was and concrete. A fourth property
-nests a generated program's ``statemap.vmap`` inside a ``statemap.vmap`` or
-``statemap.pmap`` that splits, broadcasts or keys the same states again. A
-fifth changes, between calls, what a plan's key must cover (weak and strong
-scalars, static values of equal value and different type, ``None`` state
-values, a new State object as an argument): every warm call must give what a
-cold call of a fresh mapping gives (dtypes and weak types included), and what
-``jax.vmap`` gives.
+program, leaving every state exactly as it was and concrete. Programs
+``statemap.map`` can express (no collectives, arguments and outputs on axis
+0; ``programs('map')``) run through ``statemap.LaxMapMapping`` with a
+``batch_size`` of every kind (None, 1, a divisor, one leaving a remainder
+chunk, the whole axis, more than the axis) against the same ``jax.vmap``
+oracle. A further property nests a generated program's ``statemap.vmap``
+inside a ``statemap.vmap``, ``statemap.pmap`` or ``statemap.map`` that splits,
+broadcasts or keys the same states again. Another changes, between calls,
+what a plan's key must cover (weak and strong scalars, static values of equal
+value and different type, ``None`` state values, a new State object as an
+argument): every warm call must give what a cold call of a fresh mapping
+gives (dtypes and weak types included), and what ``jax.vmap`` gives.
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default, run by ``python -m pytest``): 24 vmap + 12 pmap + 12
-  shard_map + 16 policy + 12 nested + 8 keys = 84 examples, derandomized;
-  about a minute of one core.
+* ``ci`` (default, run by ``python -m pytest``): 16 vmap + 8 pmap + 6
+  shard_map + 10 map + 12 policy (vmap, pmap, map) + 8 nested + 5 keys = 65
+  examples, derandomized; about 50 CPU seconds. The oracle is compiled once
+  per program and signature (``jax.jit``), not once per primitive.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 300 +
-  400 + 300 + 200 = 2,300 examples, randomized (about 14 minutes).
+  400 + 400 + 300 + 200 = 2,700 examples, randomized.
 
 Bugs the generator found are pinned below as plain ``test_regression_*`` tests.
 """
@@ -57,6 +62,7 @@ from strategies import (
     Out,
     Program,
     arg_values,
+    batch_kind,
     call_arguments,
     entry_axis,
     initial_values,
@@ -76,6 +82,7 @@ from strategies import (
     nested_oracle,
     nested_programs,
     nested_values,
+    on_devices,
     oracle,
     programs,
 )
@@ -109,8 +116,8 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 24, "pmap": 12, "policy": 16, "nested": 12, "keys": 8},
-    "long": {"vmap": 800, "pmap": 300, "policy": 400, "nested": 300, "keys": 200},
+    "ci": {"vmap": 16, "pmap": 8, "shard_map": 6, "map": 10, "policy": 12, "nested": 8, "keys": 5},
+    "long": {"vmap": 800, "pmap": 300, "shard_map": 300, "map": 400, "policy": 400, "nested": 300, "keys": 200},
 }[PROFILE]
 
 
@@ -178,19 +185,22 @@ def check(prog: Program, which: str) -> None:
         event(f"host changes state {prog.mutate} between calls")
     if prog.pack and any(not a.keyword for a in prog.args):
         event("args packed in a dict")
-    if which != "vmap" and prog.n > jax.local_device_count():
+    if which == "map":
+        event(f"map batch_size: {batch_kind(prog.n, prog.batch_size)}")
+    if on_devices(which) and prog.n > jax.local_device_count():
         return
     values = initial_values(prog)
     states = make_states(prog, values)
     mapping = make_mapping(prog, states, which)
     want_values = dict(values)  # the oracle threads its own values from call to call
+    compiled: dict[Any, Any] = {}  # the oracle's programs, kept from call to call
     for call in range(prog.calls):
         if call and prog.mutate != "no":
             for j, new in mutated(prog, {j: s.value for j, s in enumerate(states)}).items():
                 states[j].value = new
             want_values = mutated(prog, want_values)
         args = arg_values(prog, call)
-        want = oracle(prog, want_values, args, which)
+        want = oracle(prog, want_values, args, which, compiled)
         pos, kw = call_arguments(prog, states, args)
         saved = [(s, s.value) for s in states]
         if prog.explain and call == 0:
@@ -215,7 +225,7 @@ def check(prog: Program, which: str) -> None:
                 assert any(f"'s{j}'" in m and "unexpected_out_state_mapping='warn'" in m for m in messages), messages
         else:
             out = mapping(*pos, **kw)
-        if which != "vmap":
+        if on_devices(which):
             jax.block_until_ready((out, [s.value for s in states]))  # JAX-NOTES fact 10
         check_results(prog, states, saved, out, want, f"call {call}")
         want_values = want.values
@@ -253,7 +263,7 @@ def check_results(prog: Program, states: list[statemap.State], saved: list[Any],
 
 def check_nested(nest: Nested, which: str) -> None:
     """``nest.prog`` under statemap.vmap, under statemap ``which``, against the nested oracle."""
-    if which == "pmap" and nest.m > jax.local_device_count():
+    if on_devices(which) and nest.m > jax.local_device_count():
         return
     prog = nest.prog
     values = nested_values(nest)
@@ -262,6 +272,8 @@ def check_nested(nest: Nested, which: str) -> None:
     mapping = make_nested(nest, states, args, which)
     want = nested_oracle(nest, values, args, which)
     saved = [(s, s.value) for s in states]
+    if which == "map":
+        event(f"nested map batch_size: {batch_kind(nest.m, nest.batch_size)}")
     event(f"nested {which}: " + (f"refused ({want.rejection})" if want.rejection else "warned" if want.outer_warned else "ran"))
     if nest.outer_split:
         event("nested: states split at both levels" if any(
@@ -283,7 +295,7 @@ def check_nested(nest: Nested, which: str) -> None:
             assert any(f"'s{j}'" in m for m in messages), (j, messages)
     else:
         out = mapping()
-    if which == "pmap":
+    if on_devices(which):
         jax.block_until_ready((out, [s.value for s in states]))
     check_results(prog, states, saved, out, want, "nested call")
 
@@ -304,22 +316,32 @@ def test_pmap_matches_the_jax_pmap_oracle(prog: Program) -> None:
     check(prog, "pmap")
 
 
-@profile("pmap")
+@profile("shard_map")
 @given(programs())
 def test_shard_map_matches_the_jax_pmap_oracle(prog: Program) -> None:
     check(prog, "shard_map")
 
 
+@profile("map")
+@given(programs("map"))
+def test_map_matches_the_jax_vmap_oracle(prog: Program) -> None:
+    check(prog, "map")
+
+
 @profile("nested")
-@given(nested_programs(), st.sampled_from(["vmap", "vmap", "pmap"]))
+@given(nested_programs(), st.sampled_from(["vmap", "vmap", "pmap", "map"]))
 def test_nested_mappings_match_the_nested_oracle(nest: Nested, which: str) -> None:
     check_nested(nest, which)
 
 
+def _with_mapping(which: str) -> st.SearchStrategy[tuple[Program, str]]:
+    return st.tuples(programs(which, batched_write=True), st.just(which))
+
+
 @profile("policy")
-@given(programs(batched_write=True), st.sampled_from(["vmap", "vmap", "pmap"]))
-def test_batched_writes_follow_the_write_policy_as_the_oracle_says(prog: Program, which: str) -> None:
-    check(prog, which)
+@given(st.sampled_from(["vmap", "vmap", "pmap", "map"]).flatmap(_with_mapping))
+def test_batched_writes_follow_the_write_policy_as_the_oracle_says(case: tuple[Program, str]) -> None:
+    check(*case)
 
 
 # ---------------------------------------------------------------------------
