@@ -45,7 +45,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 from ._distributed import worker_environment

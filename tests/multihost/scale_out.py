@@ -1,0 +1,101 @@
+"""A data-parallel training run, for tests/test_multihost.py.
+
+As a script, under ``python -m statemap.launch -n N --local-devices K
+scale_out.py OUTDIR``, every process trains on its own rows of the global
+batch with ``statemap.pmap`` and ``statemap.shard_map``, checks where the
+states live and that a wrong local size is refused, and process 0 writes the
+global results to ``OUTDIR/<mapping>.npz``. Imported, ``train`` is the
+single-process reference.
+"""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+import statemap
+
+FEATURES = 3
+STEPS = 2
+MAPPINGS = {"pmap": statemap.pmap, "shard_map": statemap.shard_map}
+
+
+def batch(lanes):
+    """The global batch: one row of inputs and one target per lane."""
+    x = np.linspace(-1.0, 1.0, lanes * FEATURES, dtype=np.float32).reshape(lanes, FEATURES)
+    return x, x @ np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def model(local_lanes):
+    """Weights (broadcast), a per-lane loss total (split), and a random state."""
+    w = statemap.ParamState(jnp.zeros(FEATURES), name="w")
+    loss = statemap.HiddenState(jnp.zeros(local_lanes), name="loss")
+    return w, loss, statemap.RandomState(0)
+
+
+def make_step(mapping, w, loss, rng, **keywords):
+    """One SGD step on the mean gradient over every lane; per-lane noise is returned, not applied."""
+
+    @mapping(axis_name="d", state_in_axes=statemap.HiddenState, **keywords)
+    def step(x, y):
+        err = x @ w.value - y
+        w.value = w.value - 0.1 * jax.lax.pmean(err * x, "d")
+        loss.value = loss.value + err**2
+        return rng.uniform(()), jax.lax.psum(1, "d"), jax.lax.all_gather(y, "d")
+
+    return step
+
+
+def train(mapping, x, y, **keywords):
+    """``STEPS`` steps on rows ``x``, ``y``; returns the step, the states and each step's outputs."""
+    w, loss, rng = model(len(x))
+    step = make_step(mapping, w, loss, rng, **keywords)
+    outs = []
+    for _ in range(STEPS):
+        outs.append(jax.block_until_ready(step(x, y)))  # one collective call in flight at a time
+    return step, (w, loss, rng), outs
+
+
+def check_process(name, step, states):
+    """What each process sees: its local slices, the same broadcast values, a clear size error."""
+    w, loss, rng = states
+    lanes = jax.local_device_count()
+    assert loss.value.shape == (lanes,), loss.value.shape
+    assert loss.value.is_fully_addressable and loss.value.sharding.device_set == set(jax.local_devices())
+    multihost_utils.assert_equal(np.asarray(w.value), f"{name}: w differs between processes")
+    before = [s.value for s in states]
+    wrong = np.ones((lanes + 1, FEATURES), np.float32)
+    try:
+        step(wrong, np.ones(lanes + 1, np.float32))
+    except ValueError as err:
+        assert f"local size {lanes}" in str(err), err
+    else:
+        raise AssertionError(f"{name}: a wrong local size was accepted")
+    assert all(s.value is value for s, value in zip(states, before)), f"{name}: a failed call changed a state"
+
+
+def main(outdir):
+    lanes, here = jax.local_device_count(), jax.process_index()
+    x, y = batch(jax.device_count())
+    rows = slice(here * lanes, (here + 1) * lanes)
+    for name, mapping in MAPPINGS.items():
+        step, states, outs = train(mapping, x[rows], y[rows])
+        check_process(name, step, states)
+        w, loss, _ = states
+        results = {
+            "w": np.asarray(w.value),
+            "loss": np.asarray(multihost_utils.process_allgather(loss.value, tiled=True)),
+            "noise": np.stack([multihost_utils.process_allgather(o[0], tiled=True) for o in outs]),
+            "count": np.stack([multihost_utils.process_allgather(o[1], tiled=True) for o in outs]),
+            "gathered": np.asarray(outs[-1][2]),
+        }
+        if here == 0:
+            np.savez(pathlib.Path(outdir) / f"{name}.npz", **results)
+    print(f"process {here}: checked", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,114 @@
+"""pmap and shard_map across processes, and ``python -m statemap.launch``, with real processes.
+
+Each test starts a job of 2 or 4 worker processes on this machine (JAX's
+gloo CPU collectives over loopback) under a hard deadline. The workers'
+scripts are in tests/multihost/.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import statemap
+import statemap.launch
+from helpers import lane_keys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "multihost"))
+import scale_out  # noqa: E402  (a worker script, importable for the reference run)
+
+SCRIPTS = pathlib.Path(__file__).parent / "multihost"
+DEADLINE = 150  # seconds for one whole job; a hang fails the test instead of the suite
+
+
+def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m statemap.launch ARGS`` with a clean XLA_FLAGS (conftest's 8 devices stay here)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    command = [sys.executable, "-m", "statemap.launch", *args]
+    return subprocess.run(command, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=DEADLINE)
+
+
+def reference(mapping: object, lanes: int) -> dict[str, np.ndarray]:
+    """The same training on one process with ``lanes`` devices."""
+    x, y = scale_out.batch(lanes)
+    _, (w, loss, _), outs = scale_out.train(mapping, x, y, devices=jax.devices()[:lanes])
+    return {
+        "w": np.asarray(w.value),
+        "loss": np.asarray(loss.value),
+        "noise": np.stack([np.asarray(o[0]) for o in outs]),
+        "count": np.stack([np.asarray(o[1]) for o in outs]),
+    }
+
+
+def oracle(lanes: int) -> dict[str, np.ndarray]:
+    """Pure JAX: full-batch SGD, and lane i's draw from ``fold_in(base, i)`` (docs/randomness.rst)."""
+    x, y = scale_out.batch(lanes)
+    w, loss, noise = np.zeros(scale_out.FEATURES, np.float32), np.zeros(lanes, np.float32), []
+    parent = statemap.RandomState(0).value
+    for _ in range(scale_out.STEPS):
+        err = x @ w - y
+        w = w - 0.1 * (err[:, None] * x).mean(0)
+        loss = loss + err**2
+        parent, keys = lane_keys(parent, lanes)
+        noise.append([jax.random.uniform(jax.random.split(k)[1], ()) for k in keys])
+    return {"w": w, "loss": loss, "noise": np.asarray(noise)}
+
+
+@pytest.mark.parametrize("processes, devices", [(2, 2), (4, 1)])
+def test_training_across_processes_equals_one_process(tmp_path: pathlib.Path, processes: int, devices: int) -> None:
+    job = launch("-n", str(processes), "--local-devices", str(devices), str(SCRIPTS / "scale_out.py"), str(tmp_path))
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert job.stdout.count("checked") == processes
+    lanes = processes * devices
+    expected = oracle(lanes)
+    for name, mapping in scale_out.MAPPINGS.items():
+        got = dict(np.load(tmp_path / f"{name}.npz"))
+        one_process = reference(mapping, lanes)
+        for key in one_process:
+            np.testing.assert_allclose(got[key], one_process[key], rtol=1e-6, err_msg=f"{name}: {key}")
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")
+        assert len(np.unique(got["noise"])) == got["noise"].size  # every lane of every step its own key
+        np.testing.assert_array_equal(got["count"], lanes)
+        np.testing.assert_array_equal(got["gathered"], np.broadcast_to(scale_out.batch(lanes)[1], (devices, lanes)))
+
+
+@pytest.mark.parametrize("mode, code, how", [("raise", 1, "failed with exit code 1"), ("kill", 137, "SIGKILL")])
+def test_a_failing_worker_fails_the_launch(mode: str, code: int, how: str) -> None:
+    job = launch("-n", "2", str(SCRIPTS / "fail.py"), mode)
+    assert job.returncode == code, job.stdout + job.stderr
+    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) " in job.stderr
+    assert how in job.stderr and "the other workers were stopped" in job.stderr
+    assert "[1] worker 1 about to fail" in job.stderr  # the tail of its output
+    if mode == "raise":
+        assert "RuntimeError: worker 1 gives up" in job.stderr
+
+
+def test_a_worker_that_never_starts_fails_the_launch_after_the_timeout() -> None:
+    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS / "late"), os.environ.get("PYTHONPATH", "")])}
+    job = launch("-n", "2", "--timeout", "5", str(SCRIPTS / "fail.py"), "raise", env=env)
+    assert job.returncode == 128 + 6, job.stdout + job.stderr
+    assert "worker 0 of 2" in job.stderr and "SIGABRT" in job.stderr
+    assert "a worker did not join" in job.stderr and "--timeout 5 s" in job.stderr
+
+
+def test_launch_arguments(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    with pytest.raises(SystemExit) as stop:
+        statemap.launch.main(["--help"])
+    assert stop.value.code == 0
+    assert "--local-devices K" in capsys.readouterr().out
+    for argv, message in [
+        (["-n", "2", str(tmp_path / "missing.py")], "no script"),
+        (["-n", "0", "x.py"], "must be positive"),
+        ([str(tmp_path)], "required: -n"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            statemap.launch.main(argv)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
