@@ -82,6 +82,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the options, measure every workload, print the table, draw the plot."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CI)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the ratios to raw JAX as a bar chart")

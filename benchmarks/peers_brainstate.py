@@ -107,7 +107,7 @@ def loop(bs: ModuleType, members: int, neurons: int, steps: int) -> list[Contend
     """The LIF ensemble for ``steps`` time steps in one compiled call: ``jit(for_loop(vmap2))``."""
     step, v, rng, runs = lif_step(bs, members, neurons, timed=True)
     run = bs.transform.jit(lambda ts: bs.transform.for_loop(step, ts))
-    return [Contender(NAME, "transform.jit(for_loop(vmap2))", stepper(run, (jnp.arange(steps),), v, rng), runs)]
+    return [Contender(*labels(True, "for_loop(vmap2)"), stepper(run, (jnp.arange(steps),), v, rng), runs)]
 
 
 def sgd(bs: ModuleType, devices: int, batch: int) -> list[Contender]:

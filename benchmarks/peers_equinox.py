@@ -24,6 +24,7 @@ AXIS = "devices"
 
 
 def rnn(eqx: ModuleType, lanes: int, extra: int) -> list[Contender]:
+    """The RNN cell (with ``extra`` broadcast arrays in the module): ``filter_jit(filter_vmap)``."""
     class Cell(eqx.Module):
         W_h: jax.Array
         W_x: jax.Array

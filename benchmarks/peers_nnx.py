@@ -24,7 +24,7 @@ NAME = "Flax NNX"
 AXIS = "devices"
 
 
-def cell_class(nnx: ModuleType) -> type:
+def cell_class(nnx: ModuleType) -> tuple[type, type]:
     """The RNN cell as an ``nnx.Module``, its hidden state a Variable type of its own."""
 
     class Hidden(nnx.Variable):
@@ -49,6 +49,7 @@ def cell_class(nnx: ModuleType) -> type:
 
 
 def rnn(nnx: ModuleType, lanes: int, extra: int) -> list[Contender]:
+    """The RNN cell (with ``extra`` broadcast Variables): ``nnx.jit(nnx.split_rngs(nnx.vmap))``."""
     Cell, Hidden = cell_class(nnx)
     runs = Counter()
     cell, x = Cell(lanes, extra), init_arrays(lanes)["x"]

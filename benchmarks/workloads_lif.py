@@ -18,6 +18,7 @@ from .workloads_models import lif
 
 
 def statemap_lif(members: int, neurons: int) -> Contender:
+    """The potentials a ``HiddenState`` split per member, the noise a ``RandomState``."""
     v = statemap.HiddenState(jnp.zeros((members, neurons)), name="v")
     rng = statemap.RandomState(0, name="rng")
     runs = Counter()
@@ -59,6 +60,7 @@ def raw_lif(members: int, neurons: int) -> Contender:
 
 
 def lif_ensemble(quick: bool) -> Workload:
+    """One time step of the LIF ensemble, every contender."""
     members, neurons = (4, 100) if quick else (16, 1000)
     workload = Workload(
         f"LIF ensemble, {members} x {neurons} neurons (vmap)",

@@ -27,6 +27,7 @@ AXIS = "devices"
 
 
 def statemap_loop(members: int, neurons: int, steps: int) -> Contender:
+    """The mapped LIF step looped by ``statemap.for_loop`` inside ``statemap.jit``."""
     v = statemap.HiddenState(jnp.zeros((members, neurons)), name="v")
     rng = statemap.RandomState(0, name="rng")
     runs, ts = Counter(), jnp.arange(steps)
@@ -46,6 +47,7 @@ def statemap_loop(members: int, neurons: int, steps: int) -> Contender:
 
 
 def raw_loop(members: int, neurons: int, steps: int) -> Contender:
+    """``lax.scan`` over the hand-threaded mapped step, in one ``jax.jit``."""
     runs, ts = Counter(), jnp.arange(steps)
 
     def member(v, base, i):
@@ -70,6 +72,7 @@ def raw_loop(members: int, neurons: int, steps: int) -> Contender:
 
 
 def loop(quick: bool) -> Workload:
+    """The compiled LIF simulation loop, every contender."""
     members, neurons, steps = (4, 100, 50) if quick else (16, 1000, 1000)
     workload = Workload(
         f"LIF loop, {steps} steps x {members} x {neurons} (jit)",
@@ -84,6 +87,7 @@ def loop(quick: bool) -> Workload:
 
 
 def statemap_shard(mesh: Mesh) -> Contender:
+    """``workload.RNNCell`` under ``statemap.shard_map``, the input already laid out on the mesh."""
     cell = RNNCell(mesh.size, seed=0)
     step = statemap.shard_map(cell, AXIS, mesh=mesh, state_in_axes={0: statemap.HiddenState})
     x = jax.device_put(cell.x, NamedSharding(mesh, P(AXIS)))
@@ -118,6 +122,7 @@ def raw_shard(mesh: Mesh) -> Contender:
 
 
 def shard(quick: bool) -> Workload:
+    """The RNN cell, one lane per device of an 8-device mesh: statemap and raw JAX."""
     mesh = Mesh(jax.devices()[:8], (AXIS,))
     return Workload(
         "RNN cell, 8 devices (shard_map)",

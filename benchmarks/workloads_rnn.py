@@ -19,6 +19,7 @@ AXIS = "lanes"
 
 
 def statemap_rnn(lanes: int, extra: int) -> Contender:
+    """``workload.RNNCell`` under ``statemap.vmap``, the hidden state split per lane."""
     cell = RNNCell(lanes, seed=0, extra_states=extra)
     step = statemap.vmap(cell, state_in_axes={0: statemap.HiddenState})
 
@@ -59,6 +60,7 @@ PEER_BUILDERS = {
 
 
 def rnn(quick: bool) -> Workload:
+    """The RNN cell alone, every contender."""
     lanes = 8 if quick else 32
     return states(quick, 0, title=f"RNN cell, {lanes} lanes (vmap)", lanes=lanes)
 

@@ -22,6 +22,7 @@ AXIS = "devices"
 
 
 def statemap_sgd(devices: int, batch: int) -> Contender:
+    """``ParamState``s broadcast to the devices, ``statemap.value_and_grad`` over them, written as is."""
     params = {k: statemap.ParamState(v, name=k) for k, v in init_mlp().items()}
     x, y = shards(devices, batch)
     runs = Counter()
@@ -73,6 +74,7 @@ def check(first: dict[str, object]) -> None:
 
 
 def sgd(quick: bool) -> Workload:
+    """The data-parallel SGD step on 8 devices, every contender."""
     devices, batch = 8, 16 if quick else 64
     workload = Workload(
         f"SGD step, {devices} devices x {batch} examples (pmap)",
