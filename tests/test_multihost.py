@@ -37,12 +37,12 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def reference(mapping: object, lanes: int) -> dict[str, np.ndarray]:
     """The same training on one process with ``lanes`` devices."""
     x, y = scale_out.batch(lanes)
-    _, (w, loss, _), outs = scale_out.train(mapping, x, y, devices=jax.devices()[:lanes])
+    _, (w, loss, *_), outs = scale_out.train(mapping, x, y, devices=jax.devices()[:lanes])
     return {
         "w": np.asarray(w.value),
         "loss": np.asarray(loss.value),
-        "noise": np.stack([np.asarray(o[0]) for o in outs]),
-        "count": np.stack([np.asarray(o[1]) for o in outs]),
+        "noise": np.stack([np.asarray(o[0]) for o in outs], axis=1),
+        "count": np.stack([np.asarray(o[1]) for o in outs], axis=1),
     }
 
 
@@ -57,7 +57,7 @@ def oracle(lanes: int) -> dict[str, np.ndarray]:
         loss = loss + err**2
         parent, keys = lane_keys(parent, lanes)
         noise.append([jax.random.uniform(jax.random.split(k)[1], ()) for k in keys])
-    return {"w": w, "loss": loss, "noise": np.asarray(noise)}
+    return {"w": w, "loss": loss, "noise": np.asarray(noise).T}
 
 
 @pytest.mark.parametrize("processes, devices", [(2, 2), (4, 1)])

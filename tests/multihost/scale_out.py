@@ -30,19 +30,21 @@ def batch(lanes):
 
 
 def model(local_lanes):
-    """Weights (broadcast), a per-lane loss total (split), and a random state."""
+    """Weights (broadcast), a per-lane loss total (split), a random state, and a Python-float rate."""
     w = statemap.ParamState(jnp.zeros(FEATURES), name="w")
     loss = statemap.HiddenState(jnp.zeros(local_lanes), name="loss")
-    return w, loss, statemap.RandomState(0)
+    # A weakly typed value: JAX's transfers between processes drop weak types.
+    rate = statemap.State(0.1, name="rate")
+    return w, loss, statemap.RandomState(0), rate
 
 
-def make_step(mapping, w, loss, rng, **keywords):
+def make_step(mapping, w, loss, rng, rate, **keywords):
     """One SGD step on the mean gradient over every lane; per-lane noise is returned, not applied."""
 
     @mapping(axis_name="d", state_in_axes=statemap.HiddenState, **keywords)
     def step(x, y):
         err = x @ w.value - y
-        w.value = w.value - 0.1 * jax.lax.pmean(err * x, "d")
+        w.value = w.value - rate.value * jax.lax.pmean(err * x, "d")
         loss.value = loss.value + err**2
         return rng.uniform(()), jax.lax.psum(1, "d"), jax.lax.all_gather(y, "d")
 
@@ -51,17 +53,17 @@ def make_step(mapping, w, loss, rng, **keywords):
 
 def train(mapping, x, y, **keywords):
     """``STEPS`` steps on rows ``x``, ``y``; returns the step, the states and each step's outputs."""
-    w, loss, rng = model(len(x))
-    step = make_step(mapping, w, loss, rng, **keywords)
+    states = model(len(x))
+    step = make_step(mapping, *states, **keywords)
     outs = []
     for _ in range(STEPS):
         outs.append(jax.block_until_ready(step(x, y)))  # one collective call in flight at a time
-    return step, (w, loss, rng), outs
+    return step, states, outs
 
 
 def check_process(name, step, states):
     """What each process sees: its local slices, the same broadcast values, a clear size error."""
-    w, loss, rng = states
+    w, loss = states[:2]
     lanes = jax.local_device_count()
     assert loss.value.shape == (lanes,), loss.value.shape
     assert loss.value.is_fully_addressable and loss.value.sharding.device_set == set(jax.local_devices())
@@ -84,14 +86,14 @@ def main(outdir):
     for name, mapping in MAPPINGS.items():
         step, states, outs = train(mapping, x[rows], y[rows])
         check_process(name, step, states)
-        w, loss, _ = states
-        results = {
-            "w": np.asarray(w.value),
-            "loss": np.asarray(multihost_utils.process_allgather(loss.value, tiled=True)),
-            "noise": np.stack([multihost_utils.process_allgather(o[0], tiled=True) for o in outs]),
-            "count": np.stack([multihost_utils.process_allgather(o[1], tiled=True) for o in outs]),
-            "gathered": np.asarray(outs[-1][2]),
+        w, loss = states[:2]
+        local = {
+            "loss": loss.value,
+            "noise": jnp.stack([o[0] for o in outs], axis=1),  # (lanes, STEPS)
+            "count": jnp.stack([o[1] for o in outs], axis=1),
         }
+        results = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(local, tiled=True).items()}
+        results.update(w=np.asarray(w.value), gathered=np.asarray(outs[-1][2]))
         if here == 0:
             np.savez(pathlib.Path(outdir) / f"{name}.npz", **results)
     print(f"process {here}: checked", flush=True)
