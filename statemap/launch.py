@@ -6,8 +6,10 @@ already initialised (a coordinator on a free loopback port), and runs
 ``script.py args`` in each as ``__main__``, as ``python script.py args``
 would. The script calls nothing of ``jax.distributed``: ``jax.devices()``
 lists the N*K devices of the job, ``jax.local_devices()`` the K of its own
-process, and ``jax.process_index()`` tells the workers apart. This is how a
-program written for several hosts runs, and is tested, on one machine.
+process, and ``jax.process_index()`` tells the workers apart (before JAX
+starts, so do ``STATEMAP_PROCESS_ID`` and ``STATEMAP_NUM_PROCESSES`` in the
+environment). This is how a program written for several hosts runs, and is
+tested, on one machine.
 
 Each line a worker prints is shown prefixed by its process index, ``[i]``.
 The launch exits 0 when every worker does. When a worker fails or dies,
@@ -91,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             workers.append(_Worker(i, [options.script, *options.args], env))
         return _supervise(workers, options)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
     finally:
         _stop(workers)
 

@@ -1,8 +1,8 @@
-"""A job whose worker 1 fails after the first collective, for tests/test_multihost.py.
+"""A job whose worker 1 fails once every worker has joined, for tests/test_multihost.py.
 
 ``fail.py raise``: worker 1 raises; ``fail.py kill``: worker 1 is killed
-(SIGKILL). Worker 0 then waits in a second collective for a peer that never
-comes, until the launcher stops it.
+(SIGKILL). Worker 0 waits in a collective for a peer that never comes,
+until the launcher stops it.
 """
 
 import os
@@ -18,7 +18,6 @@ def total():
     return jax.block_until_ready(jax.pmap(lambda v: jax.lax.psum(v, "d"), "d")(ones))
 
 
-total()
 if jax.process_index() == 1:
     print("worker 1 about to fail", flush=True)
     if sys.argv[1] == "raise":

@@ -61,10 +61,11 @@ def train(mapping, x, y, **keywords):
     return step, states, outs
 
 
-def check_process(name, step, states):
+def check_process(name, step, states, x, y):
     """What each process sees: its local slices, the same broadcast values, a clear size error."""
     w, loss = states[:2]
     lanes = jax.local_device_count()
+    assert f"this one passes {lanes} of the {jax.device_count()} lanes" in str(step.explain(x, y))
     assert loss.value.shape == (lanes,), loss.value.shape
     assert loss.value.is_fully_addressable and loss.value.sharding.device_set == set(jax.local_devices())
     multihost_utils.assert_equal(np.asarray(w.value), f"{name}: w differs between processes")
@@ -85,7 +86,7 @@ def main(outdir):
     rows = slice(here * lanes, (here + 1) * lanes)
     for name, mapping in MAPPINGS.items():
         step, states, outs = train(mapping, x[rows], y[rows])
-        check_process(name, step, states)
+        check_process(name, step, states, x[rows], y[rows])
         w, loss = states[:2]
         local = {
             "loss": loss.value,
