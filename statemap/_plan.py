@@ -93,6 +93,8 @@ class Plan:
     flat_ins: bool = attrs.field(init=False)
     leaf_outs: bool = attrs.field(init=False)
     checks: bool = attrs.field(init=False)
+    # The states written, in output order, when each is one array and none is created.
+    simple_writes: tuple[weakref.ref, ...] | None = attrs.field(init=False)
 
     @flat_ins.default
     def _flat_ins(self) -> bool:
@@ -101,6 +103,12 @@ class Plan:
     @leaf_outs.default
     def _leaf_outs(self) -> bool:
         return all(out.is_leaf for out in self.outs)
+
+    @simple_writes.default
+    def _simple_writes(self) -> tuple[weakref.ref, ...] | None:
+        if not self.leaf_outs or self.made:
+            return None
+        return tuple(out.ref for out in self.outs + self.advanced)
 
     @checks.default
     def _checks(self) -> bool:

@@ -22,6 +22,10 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     on later calls fresh copies of the plan's prototypes take their place.
     """
     pos = plan.num_user_leaves
+    if plan.simple_writes is not None and watcher is None:
+        # The common case, in one C loop: the outputs after the user's are the new values.
+        any(map(_set_value, [ref() for ref in plan.simple_writes], outs[pos:]))
+        return _user_output(plan, outs, [])
     states: list[Any] = [out.ref() for out in plan.outs]
     if plan.leaf_outs:
         values = list(outs[pos : pos + len(states)])
@@ -52,9 +56,14 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     # One loop in C: an interrupt (KeyboardInterrupt) lands before or after
     # it, never between two writes, so a call is never left half written.
     any(map(_set_value, states + (made or []), values + created))
+    return _user_output(plan, outs, made or [])
+
+
+def _user_output(plan: Plan, outs: Sequence[Any], made: list[State]) -> Any:
+    """The function's output: its array leaves and the States it returned, in its pytree."""
     leaves = outs[: plan.num_user_leaves]
     if plan.returns_states:
-        leaves = _with_states(plan, leaves, made or [])
+        leaves = _with_states(plan, leaves, made)
     return plan.out_tree.unflatten(leaves)
 
 
