@@ -206,7 +206,10 @@ def _failure(worker: _Worker, code: int, options: argparse.Namespace) -> str:
         how = f"was killed by signal {name} (exit code {code})"
     else:
         how = f"failed with exit code {code}"
-    lines = [f"statemap.launch: worker {worker.index} of {total} ({options.script}) {how}; the other workers were stopped."]
+    lines = [
+        f"statemap.launch: worker {worker.index} of {total} ({options.script}) {how}; "
+        f"the other workers were stopped."
+    ]
     if code == -signal.SIGABRT:
         lines.append(
             f"JAX aborts a worker when the job's distributed runtime fails: another worker "

@@ -1,8 +1,8 @@
 """A data-parallel training run, for tests/test_multihost.py.
 
 As a script, under ``python -m statemap.launch -n N --local-devices K
-scale_out.py OUTDIR``, every process trains on its own rows of the global
-batch with ``statemap.pmap`` and ``statemap.shard_map``, checks where the
+scale_out.py OUTDIR MAPPING...``, every process trains on its own rows of the
+global batch with each named mapping (``pmap``, ``shard_map``), checks where the
 states live and that a wrong local size is refused, and process 0 writes the
 global results to ``OUTDIR/<mapping>.npz``. Imported, ``train`` is the
 single-process reference.
@@ -80,12 +80,12 @@ def check_process(name, step, states, x, y):
     assert all(s.value is value for s, value in zip(states, before)), f"{name}: a failed call changed a state"
 
 
-def main(outdir):
+def main(outdir, names):
     lanes, here = jax.local_device_count(), jax.process_index()
     x, y = batch(jax.device_count())
     rows = slice(here * lanes, (here + 1) * lanes)
-    for name, mapping in MAPPINGS.items():
-        step, states, outs = train(mapping, x[rows], y[rows])
+    for name in names:
+        step, states, outs = train(MAPPINGS[name], x[rows], y[rows])
         check_process(name, step, states, x[rows], y[rows])
         w, loss = states[:2]
         local = {
@@ -101,4 +101,4 @@ def main(outdir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
