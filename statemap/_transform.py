@@ -44,6 +44,8 @@ _RUN_LOCK = threading.RLock()
 
 # What ``_warm`` returns when no cached plan can run the call.
 _COLD: Any = object()
+# Builds of one call before a plan that went stale before its first run is an error.
+_REBUILDS = 2
 
 
 class StatefulTransform(abc.ABC):
@@ -124,13 +126,17 @@ class StatefulTransform(abc.ABC):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(self, args, kwargs)
-        while True:
-            with _RUN_LOCK:
-                out = self._warm(call)
-            if out is _COLD:
-                out = self._cold(call)
+        for _ in range(_REBUILDS):
+            out = self._attempt(call, retry=True)
             if out is not _COLD:
                 return out
+        return self._attempt(call, retry=False)
+
+    def _attempt(self, call: Call, retry: bool) -> Any:
+        """Run ``call`` with a cached plan, or build one; ``_COLD`` if it went stale and ``retry``."""
+        with _RUN_LOCK:
+            out = self._warm(call)
+        return self._cold(call, retry) if out is _COLD else out
 
     def _warm(self, call: Call) -> Any:
         """Run ``call`` with a cached plan (the caller holds ``_RUN_LOCK``); ``_COLD`` if none fits."""
@@ -146,8 +152,8 @@ class StatefulTransform(abc.ABC):
             return out
         return _COLD
 
-    def _cold(self, call: Call) -> Any:
-        """Trace and compile a plan for ``call``, then run it; ``_COLD`` if it went stale meanwhile.
+    def _cold(self, call: Call, retry: bool) -> Any:
+        """Trace and compile a plan for ``call`` and run it; ``_COLD`` if it went stale meanwhile and ``retry``.
 
         Only this plan cache's build lock is held while tracing and compiling,
         as ``jax.jit`` compiles one signature while other calls run: other
@@ -169,7 +175,9 @@ class StatefulTransform(abc.ABC):
                 return self._run(plan, call, made)
             except StalePlan:
                 # Another thread changed a state's shape between the trace and this run.
-                return _COLD
+                if retry:
+                    return _COLD
+                raise
 
     def explain(self, *args: Any, **kwargs: Any) -> Explanation:
         """Show the plan for a call with these arguments without running it.

@@ -406,3 +406,34 @@ def test_writes_during_a_cold_call_of_the_same_state_are_not_lost():
     assert float(total.value) == B * warm_calls + 2 * B * 100.0
     assert sorted([seen["cold"], seen["second"]]) == [B * warm_calls + B * 100.0, B * warm_calls + 2 * B * 100.0]
     assert cold_add.runs == 1
+
+
+def test_a_state_reshaped_by_another_thread_while_a_call_is_traced():
+    # The plan traced for the old shape is stale before its first run: the call traces again.
+    h = statemap.State(jnp.ones(2), name="h")
+    tracing, release = threading.Event(), threading.Event()
+
+    @counted
+    def grow(x):
+        old = h.value  # read (shape (2,)) before the other thread reshapes it
+        tracing.set()
+        assert release.wait(TIMEOUT)
+        h.value = old * 2
+        return x + h.value.sum()
+
+    step = statemap.vmap(grow)
+    result = {}
+
+    def caller():
+        result["out"] = step(jnp.zeros(B))
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert tracing.wait(TIMEOUT)
+    h.value = jnp.ones(3)  # written while the call is being traced
+    release.set()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert grow.runs == 2
+    assert_tree_allclose(result["out"], jnp.full(B, 6.0))
+    assert_tree_allclose(h.value, jnp.full(3, 2.0))
