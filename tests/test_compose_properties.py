@@ -584,4 +584,4 @@ _EVERYTHING = (
 
 @pytest.mark.parametrize("outer", ["jit(for_loop(vmap))", "pmap", "jit(map)"])
 def test_every_transform_nested_in_one_program(outer):
-    check(Program(_EVERYTHING, outer, 3, seed=7, typed=outer == "pmap", batch_size=2 if outer in MAPS else None))
+    check(Program(_EVERYTHING, outer, 3, seed=7, typed=outer == "pmap"))

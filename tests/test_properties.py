@@ -11,8 +11,8 @@ outputs), random ``in_axes`` (pytree prefixes, keyword arguments),
 ``out_axes``, ``state_in_axes``/``state_out_axes`` (every filter form, a losing
 duplicate entry), write policy and ``explain()``, and one to three calls (between
 calls the host may change the states' values or the broadcast states' shapes).
-Each program runs through ``statemap.vmap`` / ``statemap.pmap`` /
-``statemap.shard_map`` (against the pmap oracle) and through an
+Each program runs through ``statemap.vmap``, or through ``statemap.pmap``
+and ``statemap.shard_map`` (both against one pmap oracle), and through an
 oracle that threads the same values through ``jax.vmap`` / ``jax.pmap``; the
 outputs and every state's new value must agree, or both must refuse the
 program, leaving every state exactly as it was and concrete. Programs
@@ -20,7 +20,8 @@ program, leaving every state exactly as it was and concrete. Programs
 0; ``programs('map')``) run through ``statemap.LaxMapMapping`` with a
 ``batch_size`` of every kind (None, 1, a divisor, one leaving a remainder
 chunk, the whole axis, more than the axis) against the same ``jax.vmap``
-oracle. A further property nests a generated program's ``statemap.vmap``
+oracle. The write-policy property runs under each of vmap, pmap + shard_map
+and map. A further property nests a generated program's ``statemap.vmap``
 inside a ``statemap.vmap``, ``statemap.pmap`` or ``statemap.map`` that splits,
 broadcasts or keys the same states again. Another changes, between calls,
 what a plan's key must cover (weak and strong scalars, static values of equal
@@ -30,13 +31,13 @@ gives (dtypes and weak types included), and what ``jax.vmap`` gives.
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default, run by ``python -m pytest``): 16 vmap + 8 pmap + 6
-  shard_map + 10 map + 12 policy (vmap, pmap, map) + 8 nested + 5 keys = 65
-  examples, derandomized; about 50 CPU seconds. The oracle is compiled once
-  per program and signature (``jax.jit``), not once per primitive.
+* ``ci`` (default, run by ``python -m pytest``): 16 vmap + 12 pmap and
+  shard_map (the same programs) + 10 map + 3 x 5 policy + 9 nested + 8 keys
+  = 70 examples, derandomized; about 60 CPU seconds. The oracle is compiled
+  once per program and signature (``jax.jit``), not once per primitive.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
-  tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 300 +
-  400 + 400 + 300 + 200 = 2,700 examples, randomized.
+  tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
+  3 x 150 + 300 + 200 = 2,450 examples, randomized.
 
 Bugs the generator found are pinned below as plain ``test_regression_*`` tests.
 """
@@ -51,16 +52,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from hypothesis.control import event as _event
 from strategies import (
+    Arg,
+    Draw,
     Expected,
     KeyProgram,
+    KeyState,
     Nested,
     Out,
     Program,
+    Psum,
+    Read,
+    Reseed,
+    StateDef,
+    Write,
     arg_values,
     batch_kind,
     call_arguments,
@@ -116,8 +125,8 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 16, "pmap": 8, "shard_map": 6, "map": 10, "policy": 12, "nested": 8, "keys": 5},
-    "long": {"vmap": 800, "pmap": 300, "shard_map": 300, "map": 400, "policy": 400, "nested": 300, "keys": 200},
+    "ci": {"vmap": 16, "pmap": 12, "map": 10, "policy": 4, "nested": 9, "keys": 5},
+    "long": {"vmap": 800, "pmap": 300, "map": 400, "policy": 150, "nested": 300, "keys": 200},
 }[PROFILE]
 
 
@@ -171,8 +180,9 @@ def event(label: str) -> None:
         _event(label)
 
 
-def check(prog: Program, which: str) -> None:
-    """Run ``prog`` through statemap's ``which`` and its oracle; they must agree."""
+def check(prog: Program, *whiches: str) -> None:
+    """Run ``prog`` through each of statemap's ``whiches`` and through their one oracle
+    (``jax.vmap``, or ``jax.pmap`` for mappings on devices); they must agree."""
     for op in sorted({type(op).__name__ for op in iter_ops(prog.ops)}):
         event(f"op {op}")
     for kind in sorted({s.kind if s.kind != "random" else f"random-{s.mode}" for s in prog.states}):
@@ -185,50 +195,64 @@ def check(prog: Program, which: str) -> None:
         event(f"host changes state {prog.mutate} between calls")
     if prog.pack and any(not a.keyword for a in prog.args):
         event("args packed in a dict")
-    if which == "map":
+    if "map" in whiches:
         event(f"map batch_size: {batch_kind(prog.n, prog.batch_size)}")
-    if on_devices(which) and prog.n > jax.local_device_count():
+    assert len({on_devices(which) for which in whiches}) == 1, whiches  # one oracle for all
+    if on_devices(whiches[0]) and prog.n > jax.local_device_count():
         return
     values = initial_values(prog)
-    states = make_states(prog, values)
-    mapping = make_mapping(prog, states, which)
+    runs = []
+    for which in whiches:
+        states = make_states(prog, values)
+        runs.append((which, states, make_mapping(prog, states, which)))
     want_values = dict(values)  # the oracle threads its own values from call to call
     compiled: dict[Any, Any] = {}  # the oracle's programs, kept from call to call
     for call in range(prog.calls):
         if call and prog.mutate != "no":
-            for j, new in mutated(prog, {j: s.value for j, s in enumerate(states)}).items():
-                states[j].value = new
+            for _, states, _ in runs:
+                for j, new in mutated(prog, {j: s.value for j, s in enumerate(states)}).items():
+                    states[j].value = new
             want_values = mutated(prog, want_values)
         args = arg_values(prog, call)
-        want = oracle(prog, want_values, args, which, compiled)
-        pos, kw = call_arguments(prog, states, args)
-        saved = [(s, s.value) for s in states]
-        if prog.explain and call == 0:
-            if want.rejection == "output":
-                with pytest.raises(ValueError, match="varies across the mapped axis"):
-                    mapping.explain(*pos, **kw)
-            else:
-                text = str(mapping.explain(*pos, **kw))
-                for j in want.refused:
-                    assert f"'s{j}'" in text, text
-            assert_unchanged(saved)
-        event(f"{which} call {call}: " + (f"refused ({want.rejection})" if want.rejection else "warned" if want.warned else "ran"))
+        want = oracle(prog, want_values, args, whiches[0], compiled)
+        for which, states, mapping in runs:
+            check_call(prog, which, states, mapping, args, want, call)
         if want.rejection:
-            check_rejection(mapping, pos, kw, want, saved)
             return
-        if want.warned:
-            with pytest.warns(UserWarning) as record:
-                out = mapping(*pos, **kw)
-            messages = [str(w.message) for w in record]
-            assert len(messages) == len(want.warned), messages
-            for j in want.warned:
-                assert any(f"'s{j}'" in m and "unexpected_out_state_mapping='warn'" in m for m in messages), messages
-        else:
-            out = mapping(*pos, **kw)
-        if on_devices(which):
-            jax.block_until_ready((out, [s.value for s in states]))  # JAX-NOTES fact 10
-        check_results(prog, states, saved, out, want, f"call {call}")
         want_values = want.values
+
+
+def check_call(
+    prog: Program, which: str, states: list[statemap.State], mapping: Any, args: list[Any], want: Expected, call: int
+) -> None:
+    """One call of ``mapping`` (statemap's ``which``) over ``states``: as ``want`` says."""
+    pos, kw = call_arguments(prog, states, args)
+    saved = [(s, s.value) for s in states]
+    if prog.explain and call == 0:
+        if want.rejection == "output":
+            with pytest.raises(ValueError, match="varies across the mapped axis"):
+                mapping.explain(*pos, **kw)
+        else:
+            text = str(mapping.explain(*pos, **kw))
+            for j in want.refused:
+                assert f"'s{j}'" in text, text
+        assert_unchanged(saved)
+    event(f"{which} call {call}: " + (f"refused ({want.rejection})" if want.rejection else "warned" if want.warned else "ran"))
+    if want.rejection:
+        check_rejection(mapping, pos, kw, want, saved)
+        return
+    if want.warned:
+        with pytest.warns(UserWarning) as record:
+            out = mapping(*pos, **kw)
+        messages = [str(w.message) for w in record]
+        assert len(messages) == len(want.warned), messages
+        for j in want.warned:
+            assert any(f"'s{j}'" in m and "unexpected_out_state_mapping='warn'" in m for m in messages), messages
+    else:
+        out = mapping(*pos, **kw)
+    if on_devices(which):
+        jax.block_until_ready((out, [s.value for s in states]))  # JAX-NOTES fact 10
+    check_results(prog, states, saved, out, want, f"{which} call {call}")
 
 
 def check_rejection(mapping: Any, pos: list[Any], kw: dict[str, Any], want: Expected, saved: list[Any]) -> None:
@@ -301,6 +325,52 @@ def check_nested(nest: Nested, which: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Pinned examples: kinds of program the few derandomized examples of the ci
+# profile may miss, run by every profile.
+
+
+def every_key_kind(which: str) -> Program:
+    """A stack of legacy keys split on axis -1 and drawn from, a typed key broadcast
+    and reseeded, a pytree state, a batched write the 'warn' policy stacks, and a
+    second call after the host gives the broadcast states a new axis. (Kept to one
+    draw: every draw compiles its own random-bit generator.)"""
+    collective = which != "map"
+    states = (
+        StateDef("split", (2,), 0, "tag", cls="HiddenState"),
+        StateDef("broadcast", (2,), cls="ParamState", shape2=(1,)),
+        StateDef("random", axis=-1, select="withtag", mode="split", seed=2),
+        StateDef("random", select="path", mode="broadcast", typed=True, seed=3),
+        StateDef("broadcast"),
+    )
+    ops = (
+        Read(("state", 1)),
+        Draw(2, "uniform", ()),
+        Reseed(3, 5),
+        *([Psum()] if collective else []),
+        Write(("state", 4), "update", ("arg", 0)),
+        Write(("state", 0), "update", "acc"),
+        Out(("key", 3), 0),
+        Out("acc", 0),
+    )
+    return Program(
+        n=4 if collective else 3,
+        args=(Arg((2,), 0),),
+        states=states,
+        ops=ops,
+        policy="warn",
+        axis_name="i" if collective else None,
+        in_order=(2, 0, 1),
+        calls=2,
+        mutate="shapes",
+        batch_size=None if collective else 4,
+    )
+
+
+# A new State object as the argument, then a state that becomes None.
+SWAP_THEN_NONE = KeyProgram(2, "float32", (KeyState("float", "weak", True),), 2, (("swap",), ("form", 0, "none")), False)
+
+
+# ---------------------------------------------------------------------------
 # The properties.
 
 
@@ -312,36 +382,29 @@ def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
 
 @profile("pmap")
 @given(programs())
-def test_pmap_matches_the_jax_pmap_oracle(prog: Program) -> None:
-    check(prog, "pmap")
-
-
-@profile("shard_map")
-@given(programs())
-def test_shard_map_matches_the_jax_pmap_oracle(prog: Program) -> None:
-    check(prog, "shard_map")
+@example(every_key_kind("pmap"))
+def test_pmap_and_shard_map_match_the_jax_pmap_oracle(prog: Program) -> None:
+    check(prog, "pmap", "shard_map")
 
 
 @profile("map")
 @given(programs("map"))
+@example(every_key_kind("map"))
 def test_map_matches_the_jax_vmap_oracle(prog: Program) -> None:
     check(prog, "map")
 
 
 @profile("nested")
-@given(nested_programs(), st.sampled_from(["vmap", "vmap", "pmap", "map"]))
+@given(nested_programs(), st.sampled_from(["vmap", "pmap", "map"]))
 def test_nested_mappings_match_the_nested_oracle(nest: Nested, which: str) -> None:
     check_nested(nest, which)
 
 
-def _with_mapping(which: str) -> st.SearchStrategy[tuple[Program, str]]:
-    return st.tuples(programs(which, batched_write=True), st.just(which))
-
-
+@pytest.mark.parametrize("whiches", [("vmap",), ("pmap", "shard_map"), ("map",)], ids="+".join)
 @profile("policy")
-@given(st.sampled_from(["vmap", "vmap", "pmap", "map"]).flatmap(_with_mapping))
-def test_batched_writes_follow_the_write_policy_as_the_oracle_says(case: tuple[Program, str]) -> None:
-    check(*case)
+@given(st.data())
+def test_batched_writes_follow_the_write_policy_as_the_oracle_says(whiches: tuple[str, ...], data: st.DataObject) -> None:
+    check(data.draw(programs(whiches[0], batched_write=True), label="program"), *whiches)
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +512,7 @@ def assert_same_leaf(actual: Any, expected: Any, what: str, exact: bool) -> None
 
 @profile("keys")
 @given(key_programs())
+@example(SWAP_THEN_NONE)
 def test_warm_calls_match_cold_calls_when_the_plan_key_changes(prog: KeyProgram) -> None:
     states = [statemap.State(key_value(d, d.form, 0), name=f"s{j}") for j, d in enumerate(prog.states)]
     mapping = key_mapping(prog, states)
