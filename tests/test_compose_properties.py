@@ -33,7 +33,7 @@ tests/test_properties.py's ``statemap-ci`` / ``-long``, chosen by the same
 
 * ``ci`` (default): 4 examples, derandomized, plus three fixed programs that
   nest every transform (under ``jit(for_loop(vmap))``, ``pmap`` and
-  ``jit(map)``); about 20 seconds of CPU.
+  ``jit(map)``); about 16 seconds of CPU.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_compose_properties.py``: 300 randomized examples (about 15
   minutes on 2 cores).

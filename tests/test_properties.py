@@ -33,8 +33,9 @@ Profiles (registered here, applied to these tests only; counts are per test):
 
 * ``ci`` (default, run by ``python -m pytest``): 16 vmap + 12 pmap and
   shard_map (the same programs) + 10 map + 3 x 5 policy + 9 nested + 8 keys
-  = 70 examples, derandomized; about 60 CPU seconds. The oracle is compiled
-  once per program and signature (``jax.jit``), not once per primitive.
+  = 70 examples, derandomized, plus pinned examples of what so few may miss;
+  about 60 CPU seconds. The oracle is compiled once per program and
+  signature (``jax.jit``), not once per primitive.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
   3 x 150 + 300 + 200 = 2,450 examples, randomized.
