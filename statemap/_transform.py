@@ -36,16 +36,12 @@ class _Missing:
 MISSING: Any = _Missing()
 """The default of ``fn`` in ``vmap``/``pmap``/``jit``: without a function they return a decorator."""
 
-# Held while a call reads its states' values, dispatches its program and
-# writes the results back, so two calls touching the same state never
-# interleave. Dispatch is asynchronous, so it is held for microseconds;
-# tracing and compiling run outside it, under the plan cache's build lock.
+# Held while a call reads its states, dispatches its program (asynchronous: microseconds) and
+# writes back, so calls touching the same state never interleave; tracing and compiling run
+# outside it, under the plan cache's build lock.
 _RUN_LOCK = threading.RLock()
-
-# What ``_warm`` returns when no cached plan can run the call.
-_COLD: Any = object()
-# Builds of one call before a plan that went stale before its first run is an error.
-_REBUILDS = 2
+_COLD: Any = object()  # what ``_warm`` returns when no cached plan can run the call
+_REBUILDS = 2  # retraces of a call whose new plan went stale before its first run
 
 
 class StatefulTransform(abc.ABC):
@@ -155,10 +151,8 @@ class StatefulTransform(abc.ABC):
     def _cold(self, call: Call, retry: bool) -> Any:
         """Trace and compile a plan for ``call`` and run it; ``_COLD`` if it went stale meanwhile and ``retry``.
 
-        Only this plan cache's build lock is held while tracing and compiling,
-        as ``jax.jit`` compiles one signature while other calls run: other
-        transforms' calls proceed, and a second thread wanting the same plan
-        waits for it instead of tracing it again.
+        Tracing and compiling hold only this plan cache's build lock (as ``jax.jit``
+        compiles while other calls run); a thread wanting the same plan waits for it.
         """
         with self._plans.building:
             with _RUN_LOCK:
@@ -275,12 +269,9 @@ class StatefulTransform(abc.ABC):
         )
 
     def _compile(self, plan: Plan, call: Call) -> None:
-        """Compile ``plan``'s program for this call's inputs, filling ``jax.jit``'s caches.
+        """Fill ``jax.jit``'s caches for this call, so the first run (under the run lock) only dispatches.
 
-        The first run then neither traces nor compiles, so it holds the run
-        lock for a dispatch only. Inside another trace (inputs are tracers)
-        there is nothing to compile. A failure is left for the run to report
-        with its context (devices, stale shapes).
+        Inside another trace there is nothing to compile; failures are left for the run to report.
         """
         if current_watcher() is not None:
             return
