@@ -203,10 +203,15 @@ class _Placed:
         return [self.place(i, x, s) for i, (x, s) in enumerate(zip(inputs, self.shardings))]
 
     def place(self, i: int, x: Any, sharding: NamedSharding) -> Any:
-        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.sharding == sharding:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x
+        if x.is_deleted():
+            # jax.jit(jax.shard_map(...)) crashes the process on a deleted buffer (jax 0.10.2).
+            raise RuntimeError("statemap.shard_map: an input Array has been deleted (donated to an earlier call?).")
+        if x.sharding == sharding:
             return x
         kept = self.copies.get(i)
-        if kept is not None and not x.is_deleted() and kept[0]() is x:
+        if kept is not None and kept[0]() is x:
             return kept[1]
         copy = jax.device_put(x, sharding)
         self.copies[i] = (weakref.ref(x, functools.partial(self.forget, i)), copy)

@@ -54,7 +54,9 @@ def test_every_name_in_all_exists_and_is_documented():
 
 
 def test_no_public_name_outside_all():
-    public = {name for name in dir(statemap) if not name.startswith("_")}
+    # statemap.launch is a script module (python -m statemap.launch): it shows
+    # up here only once some code has imported it.
+    public = {name for name in dir(statemap) if not name.startswith("_")} - {"launch"}
     # Everything public at the top level is in __all__ (submodules imported by
     # statemap itself are the public modules, also listed).
     assert public == set(EXPECTED_ALL)

@@ -379,6 +379,20 @@ def test_donate_argnums_reuses_the_argument_buffers():
     assert_tree_allclose(out, rows(N, 2) * 2)
 
 
+def test_a_donated_argument_passed_again_raises_and_leaves_states_unchanged():
+    h = statemap.HiddenState(jnp.zeros((N, 2)), name="h")
+    x = jax.device_put(rows(N, 2), NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P("d")))
+
+    def bump(a):
+        h.value = h.value + a
+
+    mapping = statemap.shard_map(bump, "d", donate_argnums=0, state_in_axes=statemap.HiddenState)
+    sync(mapping(x))
+    with pytest.raises(RuntimeError, match="has been deleted"):
+        mapping(x)
+    assert_tree_allclose(h.value, rows(N, 2))
+
+
 def test_a_state_left_on_other_devices_moves_to_the_mesh():
     h = statemap.HiddenState(jnp.zeros((4, 2)), name="h")
 
