@@ -224,6 +224,7 @@ class InterruptAtLine:
 
     def __init__(self, k=None):
         self.k, self.lines = k, 0
+        self.where = []  # (file, line) of every counted line, in order
 
     def __call__(self, frame, event, arg):
         if event == "call" and frame.f_code.co_filename.startswith(self.package):
@@ -236,6 +237,7 @@ class InterruptAtLine:
             if source.startswith(self.block_openers):
                 return self.local
             self.lines += 1
+            self.where.append((frame.f_code.co_filename, frame.f_lineno))
             if self.lines == self.k:
                 raise KeyboardInterrupt
         return self.local
@@ -314,23 +316,29 @@ def test_keyboard_interrupt_at_every_line_of_a_warm_call(kind, fam):
     in_a_thread_of_its_own(sweep)
 
 
-def test_keyboard_interrupt_at_every_other_line_of_planning():
+def test_keyboard_interrupt_at_every_line_of_planning():
     # explain() runs the whole cold path up to the program: tracing, the
     # thread's state watchers, batched-ness and the plan; it compiles nothing.
-    # A small function keeps each trial cheap; every other line is enough to
-    # land in every stretch of two or more lines (such as a watcher's removal).
+    # Tracing a random draw costs JAX five times what the rest does, so every
+    # line of planning without the draw is interrupted, then, with the draw,
+    # every line that only the draw runs (the RandomState's own code).
     w = statemap.ParamState(jnp.ones(2), name="w")
     rng = statemap.RandomState(0, name="rng")
     saved = snapshot([w, rng])
 
-    def plan():
-        statemap.vmap(lambda x: setattr(w, "value", w.value + x + rng.normal((2,)))).explain(ones(B, 2))
+    def plan(draw):
+        statemap.vmap(lambda x: setattr(w, "value", w.value + x + (rng.normal((2,)) if draw else 0))).explain(ones(B, 2))
 
     def sweep():
-        counting = InterruptAtLine()
-        assert not counting.run(plan)
-        for k in range(1, counting.lines + 1, 2):
-            InterruptAtLine(k).run(plan)
+        plan(False), plan(True)  # first calls fill caches: later ones run the same lines
+        plain, drawing = InterruptAtLine(), InterruptAtLine()
+        assert not plain.run(lambda: plan(False)) and not drawing.run(lambda: plan(True))
+        seen = set(plain.where)
+        only_the_draw = [k for k, line in enumerate(drawing.where, 1) if line not in seen]
+        assert only_the_draw  # the draw runs lines of its own
+        trials = [(False, k) for k in range(1, plain.lines + 1)] + [(True, k) for k in only_the_draw]
+        for draw, k in trials:
+            assert InterruptAtLine(k).run(lambda: plan(draw))
             assert_unchanged(saved)  # reads see the real values: no watcher was left behind
         with statemap.StateTrace() as trace:
             w.value = w.value
