@@ -154,13 +154,14 @@ class _Worker:
 
     def _echo(self) -> None:
         assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._echo_lock:
-                sys.stdout.write(f"[{self.index}] {line}\n")
-                sys.stdout.flush()
-            if not line.lstrip().startswith("@ 0x"):  # native stack frames of an abort
-                self.tail.append(line)
+        with self.process.stdout:  # closed at the end, as main may run again in this process
+            for raw in self.process.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                with self._echo_lock:
+                    sys.stdout.write(f"[{self.index}] {line}\n")
+                    sys.stdout.flush()
+                if not line.lstrip().startswith("@ 0x"):  # native stack frames of an abort
+                    self.tail.append(line)
 
     def signal(self, signum: int) -> None:
         try:

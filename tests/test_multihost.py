@@ -2,7 +2,9 @@
 
 Each test starts a job of 2 or 4 worker processes on this machine (JAX's
 gloo CPU collectives over loopback) under a hard deadline. The workers'
-scripts are in tests/multihost/.
+scripts are in tests/multihost/. Every worker starts JAX (about 3 CPU s), so
+the launcher runs in this process, where JAX is already imported, except in
+one test, which runs ``python -m statemap.launch`` as a user does.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -28,11 +32,32 @@ SCRIPTS = pathlib.Path(__file__).parent / "multihost"
 DEADLINE = 150  # seconds for one whole job; a hang fails the test instead of the suite
 
 
-def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def launch_module(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run ``python -m statemap.launch ARGS`` with a clean XLA_FLAGS (conftest's 8 devices stay here)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     command = [sys.executable, "-m", "statemap.launch", *args]
-    return subprocess.run(command, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=DEADLINE)
+    return subprocess.run(command, env={**clean, **env}, capture_output=True, text=True, timeout=DEADLINE)
+
+
+def launch(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``statemap.launch.main(ARGS)`` in this process: its exit code, stdout and stderr.
+
+    The launcher sets each worker's devices itself (conftest's XLA_FLAGS do
+    not reach them); it runs in a thread so that a hang fails the test.
+    """
+    capsys.readouterr()
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(statemap.launch.main(list(args))), daemon=True)
+    runner.start()
+    runner.join(DEADLINE)
+    assert result, f"the launch did not end within {DEADLINE} s"
+    out, err = capsys.readouterr()
+    return result[0], out, err
+
+
+def pythonpath(directory: str) -> str:
+    """``PYTHONPATH`` with ``tests/multihost/DIRECTORY`` (its sitecustomize.py) first."""
+    return os.pathsep.join([str(SCRIPTS / directory), os.environ.get("PYTHONPATH", "")])
 
 
 @functools.cache  # both jobs have 4 lanes: one reference run
@@ -63,15 +88,15 @@ def oracle(lanes: int) -> dict[str, np.ndarray]:
 
 
 # The 4-process job, the costliest, runs one mapping: shard_map, whose
-# conversions to and from global arrays are statemap's own code.
+# conversions to and from global arrays are statemap's own code, with 1 device a process.
 @pytest.mark.parametrize("processes, devices, names", [(2, 2, ["pmap", "shard_map"]), (4, 1, ["shard_map"])])
 def test_training_across_processes_equals_one_process(
-    tmp_path: pathlib.Path, processes: int, devices: int, names: list[str]
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, processes: int, devices: int, names: list[str]
 ) -> None:
     script = str(SCRIPTS / "scale_out.py")
-    job = launch("-n", str(processes), "--local-devices", str(devices), script, str(tmp_path), *names)
-    assert job.returncode == 0, job.stdout + job.stderr
-    assert job.stdout.count("checked") == processes
+    code, out, err = launch(capsys, "-n", str(processes), "--local-devices", str(devices), script, str(tmp_path), *names)
+    assert code == 0, out + err
+    assert sorted(re.findall(r"^\[(\d)\] process \1: checked$", out, re.M)) == [str(i) for i in range(processes)]
     lanes = processes * devices
     expected = oracle(lanes)
     for name in names:
@@ -86,23 +111,33 @@ def test_training_across_processes_equals_one_process(
         np.testing.assert_array_equal(got["gathered"], np.broadcast_to(scale_out.batch(lanes)[1], (devices, lanes)))
 
 
-@pytest.mark.parametrize("mode, code, how", [("raise", 1, "failed with exit code 1"), ("kill", 137, "SIGKILL")])
-def test_a_failing_worker_fails_the_launch(mode: str, code: int, how: str) -> None:
-    job = launch("-n", "2", str(SCRIPTS / "fail.py"), mode)
-    assert job.returncode == code, job.stdout + job.stderr
-    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) " in job.stderr
-    assert how in job.stderr and "the other workers were stopped" in job.stderr
-    assert "[1] worker 1 about to fail" in job.stderr  # the tail of its output
-    if mode == "raise":
-        assert "RuntimeError: worker 1 gives up" in job.stderr
+def test_a_raising_worker_fails_the_launch(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = launch(capsys, "-n", "2", str(SCRIPTS / "fail.py"))
+    assert code == 1, out + err
+    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) failed with exit code 1" in err
+    assert "the other workers were stopped" in err  # worker 0, waiting in a collective
+    assert "[1] worker 1 about to fail" in out and "[1] worker 1 about to fail" in err  # echoed; the tail
+    assert "RuntimeError: worker 1 gives up" in err
 
 
-def test_a_worker_that_never_starts_fails_the_launch_after_the_timeout() -> None:
-    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS / "late"), os.environ.get("PYTHONPATH", "")])}
-    job = launch("-n", "2", "--timeout", "2", str(SCRIPTS / "fail.py"), "raise", env=env)
-    assert job.returncode == 128 + 6, job.stdout + job.stderr
-    assert "worker 0 of 2" in job.stderr and "SIGABRT" in job.stderr
-    assert "a worker did not join" in job.stderr and "--timeout 2 s" in job.stderr
+def test_a_killed_worker_fails_the_launch_run_as_python_m_statemap_launch() -> None:
+    # The one launch from the command line: the module's entry point, its exit code and output.
+    # Worker 1 kills itself as it starts (tests/multihost/dies), so no worker pays for JAX.
+    job = launch_module("-n", "2", str(SCRIPTS / "fail.py"), env={"PYTHONPATH": pythonpath("dies")})
+    assert job.returncode == 128 + 9, job.stdout + job.stderr
+    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) was killed by signal SIGKILL" in job.stderr
+    assert "the other workers were stopped" in job.stderr
+    assert "[1] worker 1 about to fail" in job.stdout and "  [1] worker 1 about to fail" in job.stderr
+
+
+def test_a_worker_that_never_starts_fails_the_launch_after_the_timeout(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", pythonpath("late"))  # worker 1 sleeps instead of joining
+    code, out, err = launch(capsys, "-n", "2", "--timeout", "2", str(SCRIPTS / "fail.py"))
+    assert code == 128 + 6, out + err
+    assert "worker 0 of 2" in err and "SIGABRT" in err
+    assert "a worker did not join" in err and "--timeout 2 s" in err
 
 
 def test_launch_arguments(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:

@@ -1,13 +1,8 @@
-"""A job whose worker 1 fails once every worker has joined, for tests/test_multihost.py.
+"""A job whose worker 1 raises once every worker has joined, for tests/test_multihost.py.
 
-``fail.py raise``: worker 1 raises; ``fail.py kill``: worker 1 is killed
-(SIGKILL). Worker 0 waits in a collective for a peer that never comes,
-until the launcher stops it.
+Worker 0 waits in a collective for a peer that never comes, until the
+launcher stops it. (A worker killed by a signal: see ``dies/``.)
 """
-
-import os
-import signal
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +15,5 @@ def total():
 
 if jax.process_index() == 1:
     print("worker 1 about to fail", flush=True)
-    if sys.argv[1] == "raise":
-        raise RuntimeError("worker 1 gives up")
-    os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("worker 1 gives up")
 total()
