@@ -31,11 +31,13 @@ gives (dtypes and weak types included), and what ``jax.vmap`` gives.
 
 Profiles (registered here, applied to these tests only; counts are per test):
 
-* ``ci`` (default, run by ``python -m pytest``): 16 vmap + 12 pmap and
-  shard_map (the same programs) + 10 map + 3 x 5 policy + 9 nested + 8 keys
-  = 70 examples, derandomized, plus pinned examples of what so few may miss;
-  about 60 CPU seconds. The oracle is compiled once per program and
-  signature (``jax.jit``), not once per primitive.
+* ``ci`` (default, run by ``python -m pytest``): 8 vmap + 6 pmap and
+  shard_map (the same programs) + 5 map + 3 x 2 policy + 5 nested + 3 keys
+  = 33 examples, derandomized, plus pinned examples of what so few may miss
+  (every key kind under vmap, pmap and map; an output refusal under pmap; a
+  nested map; a write only the outer pmap refuses; a swapped argument
+  State); about 50 CPU seconds (``-n 0``). The oracle is compiled once per
+  program and signature (``jax.jit``), not once per primitive.
 * ``long``: ``STATEMAP_HYPOTHESIS_PROFILE=long python -m pytest
   tests/test_properties.py --hypothesis-show-statistics``: 800 + 300 + 400 +
   3 x 150 + 300 + 200 = 2,450 examples, randomized.
@@ -126,7 +128,7 @@ if PROFILE not in ("ci", "long"):
 _PARENT = settings.get_profile(f"statemap-{PROFILE}")
 # Examples per property test, per profile.
 EXAMPLES = {
-    "ci": {"vmap": 16, "pmap": 12, "map": 10, "policy": 4, "nested": 9, "keys": 5},
+    "ci": {"vmap": 8, "pmap": 6, "map": 5, "policy": 2, "nested": 5, "keys": 3},
     "long": {"vmap": 800, "pmap": 300, "map": 400, "policy": 150, "nested": 300, "keys": 200},
 }[PROFILE]
 
@@ -367,6 +369,28 @@ def every_key_kind(which: str) -> Program:
     )
 
 
+# A batched output on out_axes None: refused as an output, not a state.
+BATCHED_OUTPUT_UNMAPPED = Program(
+    n=2, args=(Arg((2,), 0),), states=(StateDef("broadcast", (2,)),), ops=(Read(("arg", 0)), Out("acc", None)), axis_name="i"
+)
+
+# Nested: a split state updated inside an outer statemap.map of one lane per chunk,
+# and an inner write the outer pmap refuses (it varies along the outer axis only).
+_INNER = Program(
+    n=2,
+    args=(Arg((2,), 0),),
+    states=(StateDef("split", (2,), 0, "instance"), StateDef("broadcast", (2,))),
+    ops=(Read(("state", 1)), Write(("state", 0), "update", "acc"), Out("acc", 0)),
+)
+NESTED_MAP = Nested(_INNER, m=3, outer_split=(0,), batch_size=2)
+_OUTER_ONLY = Program(
+    n=2,
+    args=(Arg((2,), 0),),
+    states=(StateDef("broadcast", (2,)), StateDef("broadcast", (2,))),
+    ops=(Write(("state", 1), "update", ("state", 0)), Out(("arg", 0), 0)),
+)
+NESTED_OUTER_REFUSAL = Nested(_OUTER_ONLY, m=2, outer_split=(0,))
+
 # A new State object as the argument, then a state that becomes None.
 SWAP_THEN_NONE = KeyProgram(2, "float32", (KeyState("float", "weak", True),), 2, (("swap",), ("form", 0, "none")), False)
 
@@ -377,6 +401,7 @@ SWAP_THEN_NONE = KeyProgram(2, "float32", (KeyState("float", "weak", True),), 2,
 
 @profile("vmap")
 @given(programs())
+@example(every_key_kind("vmap"))
 def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
     check(prog, "vmap")
 
@@ -384,6 +409,7 @@ def test_vmap_matches_the_jax_vmap_oracle(prog: Program) -> None:
 @profile("pmap")
 @given(programs())
 @example(every_key_kind("pmap"))
+@example(BATCHED_OUTPUT_UNMAPPED)
 def test_pmap_and_shard_map_match_the_jax_pmap_oracle(prog: Program) -> None:
     check(prog, "pmap", "shard_map")
 
@@ -397,6 +423,8 @@ def test_map_matches_the_jax_vmap_oracle(prog: Program) -> None:
 
 @profile("nested")
 @given(nested_programs(), st.sampled_from(["vmap", "pmap", "map"]))
+@example(NESTED_MAP, "map")
+@example(NESTED_OUTER_REFUSAL, "pmap")
 def test_nested_mappings_match_the_nested_oracle(nest: Nested, which: str) -> None:
     check_nested(nest, which)
 
