@@ -1,6 +1,7 @@
 """Long runs: warm calls keep memory flat, the plan cache is bounded, dead states' plans go.
 
-Bounded for CI (a few thousand warm calls, a few seconds); the full 10,000-call
+Bounded for CI (hundreds of warm calls: a leak of one buffer or plan per
+call shows as well as over thousands); the full 10,000-call
 figures come from ``python benchmarks/bench_memory.py``.
 
 Where a test needs the size of a mapping's plan cache it reads the private
@@ -23,7 +24,7 @@ import statemap
 
 B = 4
 AX = "lanes"
-WARM_CALLS = 2000
+WARM_CALLS = 500
 
 
 def live_arrays():
