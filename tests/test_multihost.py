@@ -2,9 +2,11 @@
 
 Each test starts a job of 2 or 4 worker processes on this machine (JAX's
 gloo CPU collectives over loopback) under a hard deadline. The workers'
-scripts are in tests/multihost/. Every worker starts JAX (about 3 CPU s), so
-the launcher runs in this process, where JAX is already imported, except in
-one test, which runs ``python -m statemap.launch`` as a user does.
+script, and the sitecustomize.py modules that make a worker fail as it
+starts, are in tests/multihost/. Starting JAX costs a process about 3 CPU s,
+so the launcher runs in this process, where JAX is already imported, except
+in one test, which runs ``python -m statemap.launch`` as a user does, and
+jobs are combined where each claim is still checked on its own.
 """
 
 from __future__ import annotations
@@ -87,20 +89,13 @@ def oracle(lanes: int) -> dict[str, np.ndarray]:
     return {"w": w, "loss": loss, "noise": np.asarray(noise).T}
 
 
-# The 4-process job, the costliest, runs one mapping: shard_map, whose
-# conversions to and from global arrays are statemap's own code, with 1 device a process.
-@pytest.mark.parametrize("processes, devices, names", [(2, 2, ["pmap", "shard_map"]), (4, 1, ["shard_map"])])
-def test_training_across_processes_equals_one_process(
-    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path, processes: int, devices: int, names: list[str]
-) -> None:
-    script = str(SCRIPTS / "scale_out.py")
-    code, out, err = launch(capsys, "-n", str(processes), "--local-devices", str(devices), script, str(tmp_path), *names)
-    assert code == 0, out + err
-    assert sorted(re.findall(r"^\[(\d)\] process \1: checked$", out, re.M)) == [str(i) for i in range(processes)]
-    lanes = processes * devices
+def check_training(outdir: pathlib.Path, out: str, devices: int, names: list[str]) -> None:
+    """A 2-process job's saved results equal one process's and the pure-JAX oracle's."""
+    assert sorted(re.findall(r"^\[(\d)\] process \1: checked$", out, re.M)) == ["0", "1"], out
+    lanes = 2 * devices
     expected = oracle(lanes)
     for name in names:
-        got = dict(np.load(tmp_path / f"{name}.npz"))
+        got = dict(np.load(outdir / f"{name}.npz"))
         one_process = reference(scale_out.MAPPINGS[name], lanes)
         for key in one_process:
             np.testing.assert_allclose(got[key], one_process[key], rtol=1e-6, err_msg=f"{name}: {key}")
@@ -111,21 +106,36 @@ def test_training_across_processes_equals_one_process(
         np.testing.assert_array_equal(got["gathered"], np.broadcast_to(scale_out.batch(lanes)[1], (devices, lanes)))
 
 
-def test_a_raising_worker_fails_the_launch(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = launch(capsys, "-n", "2", str(SCRIPTS / "fail.py"))
+def test_training_across_processes_equals_one_process(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    names = ["pmap", "shard_map"]
+    code, out, err = launch(capsys, "-n", "2", "--local-devices", "2", str(SCRIPTS / "scale_out.py"), str(tmp_path), *names)
+    assert code == 0, out + err
+    check_training(tmp_path, out, 2, names)
+
+
+def test_one_device_a_process_then_a_raising_worker_fails_the_launch(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
+    # One job (each worker starts JAX, about 3 CPU s) for two claims: shard_map with one
+    # device a process (the launcher's default) trains as one process does; then worker 1
+    # raises while worker 0 waits for it in JAX's shutdown, which fails the launch.
+    script = str(SCRIPTS / "scale_out.py")
+    code, out, err = launch(capsys, "-n", "2", script, str(tmp_path), "shard_map", "raise")
     assert code == 1, out + err
-    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) failed with exit code 1" in err
-    assert "the other workers were stopped" in err  # worker 0, waiting in a collective
-    assert "[1] worker 1 about to fail" in out and "[1] worker 1 about to fail" in err  # echoed; the tail
+    check_training(tmp_path, out, 1, ["shard_map"])
+    assert f"worker 1 of 2 ({script}) failed with exit code 1; the other workers were stopped" in err
+    assert "[1] worker 1 about to fail" in out and "  [1] worker 1 about to fail" in err  # echoed; the tail
     assert "RuntimeError: worker 1 gives up" in err
 
 
-def test_a_killed_worker_fails_the_launch_run_as_python_m_statemap_launch() -> None:
+def test_a_killed_worker_fails_a_4_process_launch_run_as_python_m_statemap_launch() -> None:
     # The one launch from the command line: the module's entry point, its exit code and output.
-    # Worker 1 kills itself as it starts (tests/multihost/dies), so no worker pays for JAX.
-    job = launch_module("-n", "2", str(SCRIPTS / "fail.py"), env={"PYTHONPATH": pythonpath("dies")})
+    # Worker 1 kills itself as it starts (tests/multihost/dies), and workers 0, 2 and 3 are
+    # stopped while they start: 4 processes for the price of none starting JAX.
+    script = str(SCRIPTS / "scale_out.py")
+    job = launch_module("-n", "4", script, env={"PYTHONPATH": pythonpath("dies")})
     assert job.returncode == 128 + 9, job.stdout + job.stderr
-    assert f"worker 1 of 2 ({SCRIPTS / 'fail.py'}) was killed by signal SIGKILL" in job.stderr
+    assert f"worker 1 of 4 ({script}) was killed by signal SIGKILL" in job.stderr
     assert "the other workers were stopped" in job.stderr
     assert "[1] worker 1 about to fail" in job.stdout and "  [1] worker 1 about to fail" in job.stderr
 
@@ -134,7 +144,7 @@ def test_a_worker_that_never_starts_fails_the_launch_after_the_timeout(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", pythonpath("late"))  # worker 1 sleeps instead of joining
-    code, out, err = launch(capsys, "-n", "2", "--timeout", "2", str(SCRIPTS / "fail.py"))
+    code, out, err = launch(capsys, "-n", "2", "--timeout", "2", str(SCRIPTS / "scale_out.py"))
     assert code == 128 + 6, out + err
     assert "worker 0 of 2" in err and "SIGABRT" in err
     assert "a worker did not join" in err and "--timeout 2 s" in err

@@ -4,8 +4,10 @@ As a script, under ``python -m statemap.launch -n N --local-devices K
 scale_out.py OUTDIR MAPPING...``, every process trains on its own rows of the
 global batch with each named mapping (``pmap``, ``shard_map``), checks where the
 states live and that a wrong local size is refused, and process 0 writes the
-global results to ``OUTDIR/<mapping>.npz``. Imported, ``train`` is the
-single-process reference.
+global results to ``OUTDIR/<mapping>.npz``. With ``raise`` after the
+mappings, worker 1 then raises, once the results are saved, while the
+others wait for it in JAX's shutdown: a failing worker in a running job.
+Imported, ``train`` is the single-process reference.
 """
 
 import pathlib
@@ -80,7 +82,17 @@ def check_process(name, step, states, x, y):
     assert all(s.value is value for s, value in zip(states, before)), f"{name}: a failed call changed a state"
 
 
+def give_up():
+    """Once every process has saved its results, worker 1 raises."""
+    multihost_utils.sync_global_devices("results saved")
+    if jax.process_index() == 1:
+        print("worker 1 about to fail", flush=True)
+        raise RuntimeError("worker 1 gives up")
+
+
 def main(outdir, names):
+    fail = names[-1:] == ["raise"]
+    names = names[:-1] if fail else names
     lanes, here = jax.local_device_count(), jax.process_index()
     x, y = batch(jax.device_count())
     rows = slice(here * lanes, (here + 1) * lanes)
@@ -98,6 +110,8 @@ def main(outdir, names):
         if here == 0:
             np.savez(pathlib.Path(outdir) / f"{name}.npz", **results)
     print(f"process {here}: checked", flush=True)
+    if fail:
+        give_up()
 
 
 if __name__ == "__main__":
