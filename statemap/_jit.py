@@ -11,6 +11,7 @@ from typing import Any, TypeVar, overload
 import jax
 
 from ._call import Call
+from ._donation import donatable
 from ._plan import Exit, Plan, StateOut
 from ._planner import Decisions, LaneOutputs, make_lane_fn
 from ._state import State
@@ -53,8 +54,10 @@ class JitTransform(StatefulTransform):
         sizes = call.sizes.copy()
         lane, recorder, outputs = self._trace(call, sizes, None, None)
         lane_fn = make_lane_fn(lane, len(call.leaves), list(recorder.inputs.values()), _no_lane_keys)
-        program = jax.jit(functools.partial(lane_fn, 0), donate_argnums=call.donated_leaves)
-        plan = self._assemble(call, lane, recorder, outputs, _written_as_is(outputs), program)
+        decisions = _written_as_is(outputs)
+        donated = donatable(call, lane, recorder, outputs, decisions, 1)
+        program = jax.jit(functools.partial(lane_fn, 0), donate_argnums=(*call.donated_leaves, *donated))
+        plan = self._assemble(call, lane, recorder, outputs, decisions, program, donated=donated)
         return plan, list(recorder.made)
 
 

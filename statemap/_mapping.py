@@ -13,6 +13,7 @@ import jax
 
 from ._axes import StateAxes, check_axes_tree, leaf_axes
 from ._call import Call
+from ._donation import donatable
 from ._catalogue import Decide, LaneRecorder, MappedEntries
 from ._jax_internals import AxisSizeNeeded
 from ._plan import Plan
@@ -224,8 +225,9 @@ class StatefulMapping(StatefulTransform):
             # there is nothing to ask, and the probe's trace is skipped.
             lambda candidates: probe(candidates) if candidates else set(),
         )
-        spec = MapSpec(lane_fn, in_axes, decisions.out_axes, size, self._lane_axis, call.donated_leaves)
-        return self._assemble(call, lane, recorder, outputs, decisions, self._map(spec), size, origin)
+        donated = donatable(call, lane, recorder, outputs, decisions, size)
+        spec = MapSpec(lane_fn, in_axes, decisions.out_axes, size, self._lane_axis, (*call.donated_leaves, *donated))
+        return self._assemble(call, lane, recorder, outputs, decisions, self._map(spec), size, origin, donated)
 
     def _user_out_axes(self, outputs: LaneOutputs) -> list[int | None]:
         tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))

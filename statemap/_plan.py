@@ -85,6 +85,8 @@ class Plan:
     size_origin: str
     refusal: str | None
     warnings: tuple[str, ...]
+    donated_states: tuple[int, ...] = ()
+    """Input positions of written states' old buffers the program may consume (see ``_donation``)."""
     returns_states: bool = attrs.field(init=False)
     returned: tuple[weakref.ref, ...] = attrs.field(init=False)
 

@@ -16,6 +16,7 @@ from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
 from ._diagnose import diagnosing
+from ._donation import shield, spent
 from ._explain import Explanation
 from ._identity import IdentityDict
 from ._jax_internals import LaneJaxpr, LaneTrace, trace_lane, under_staging_trace
@@ -240,6 +241,7 @@ class StatefulTransform(abc.ABC):
         program: Callable[..., Sequence[Any]],
         size: int = 1,
         origin: str = "",
+        donated: tuple[int, ...] = (),
     ) -> Plan:
         """The plan of a traced call: its states, how they leave, and the compiled ``program``."""
         prototypes: IdentityDict[State, State] = IdentityDict()
@@ -266,6 +268,7 @@ class StatefulTransform(abc.ABC):
             size_origin=origin,
             refusal=decisions.refusal,
             warnings=decisions.warnings,
+            donated_states=donated,
         )
 
     def _compile(self, plan: Plan, call: Call) -> None:
@@ -314,17 +317,23 @@ class StatefulTransform(abc.ABC):
         inputs = [*call.leaves, *values] if plan.flat_ins else self._inputs(plan, call, values)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
-        outs = self._execute(plan, call, values, inputs)
-        if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
-            raise tracer_error(self.api, [s for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None])
-        return commit(plan, outs, made, watcher)
+        shield(inputs, plan.donated_states, watched=watcher is not None)
+        outs = None
+        try:
+            outs = self._execute(plan, call, values, inputs)
+            if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
+                raise tracer_error(self.api, [s for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None])
+            return commit(plan, outs, made, watcher)
+        except BaseException:
+            if outs is not None and plan.donated_states and spent(values):
+                commit(plan, outs, made, watcher)  # interrupted after the program took the old buffers: finish
+            raise
 
     def _execute(self, plan: Plan, call: Call, values: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
         try:
-            outs = plan.program(*inputs)
-            if plan.effects:
-                # A host callback may fail after dispatch: wait, so a failed call writes nothing.
-                jax.block_until_ready(outs)
+            if plan.effects:  # a host callback may fail after dispatch: wait, so a failed call writes nothing
+                return jax.block_until_ready(plan.program(*inputs))
+            return plan.program(*inputs)  # one line: no interrupt between the program and the return
         except Exception as err:
             if not plan.fits(values):
                 raise StalePlan() from None
@@ -332,7 +341,6 @@ class StatefulTransform(abc.ABC):
                 states = plan.states() or []
                 raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
             raise
-        return outs
 
 
 def baked_error(api: str, state: State) -> StatemapError:

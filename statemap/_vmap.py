@@ -77,7 +77,7 @@ class VMapMapping(StatefulMapping):
             axis_size=spec.axis_size,
             spmd_axis_name=self.spmd_axis_name,
         )
-        return jax.jit(mapped)
+        return jax.jit(mapped, donate_argnums=spec.donated)
 
     def _resolve_axis_size(self, size: int | None) -> int:
         if size is None:
