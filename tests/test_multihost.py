@@ -11,7 +11,6 @@ jobs are combined where each claim is still checked on its own.
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import re
@@ -62,7 +61,6 @@ def pythonpath(directory: str) -> str:
     return os.pathsep.join([str(SCRIPTS / directory), os.environ.get("PYTHONPATH", "")])
 
 
-@functools.cache  # both jobs have 4 lanes: one reference run
 def reference(mapping: object, lanes: int) -> dict[str, np.ndarray]:
     """The same training on one process with ``lanes`` devices."""
     x, y = scale_out.batch(lanes)
@@ -106,9 +104,12 @@ def check_training(outdir: pathlib.Path, out: str, devices: int, names: list[str
         np.testing.assert_array_equal(got["gathered"], np.broadcast_to(scale_out.batch(lanes)[1], (devices, lanes)))
 
 
-def test_training_across_processes_equals_one_process(capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+def test_training_across_processes_equals_one_process(
+    capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
+) -> None:
     names = ["pmap", "shard_map"]
-    code, out, err = launch(capsys, "-n", "2", "--local-devices", "2", str(SCRIPTS / "scale_out.py"), str(tmp_path), *names)
+    script = str(SCRIPTS / "scale_out.py")
+    code, out, err = launch(capsys, "-n", "2", "--local-devices", "2", script, str(tmp_path), *names)
     assert code == 0, out + err
     check_training(tmp_path, out, 2, names)
 
