@@ -44,7 +44,9 @@ class MapSpec:
       out_axes: one axis (or None: the same on every lane) per flat output.
       axis_size: the number of lanes.
       axis_name: the name collectives in the function use.
-      donated: positions of inputs whose buffers may be donated.
+      donated: positions of inputs whose buffers may be donated: the leaves of
+        ``donate_argnums`` and written states' old values (pass it to the
+        primitive's ``donate_argnums``).
 
     Example:
       >>> import statemap
