@@ -206,6 +206,11 @@ def test_keyboard_interrupt_on_a_warm_call(kind, fam):
     with pytest.raises(jax.errors.JaxRuntimeError, match="KeyboardInterrupt"):
         jax.block_until_ready(m(ones(B, 2)))
     assert_unchanged(saved)
+    # The mapping runs again; this also replaces the failed run's token on the
+    # devices, which JAX would otherwise raise again when the process exits.
+    switch.on = False
+    jax.block_until_ready(m(ones(B, 2)))
+    jax.effects_barrier()
 
 
 class InterruptAtLine:
