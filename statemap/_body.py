@@ -21,7 +21,7 @@ from ._catalogue import LaneRecorder, SizeSources, pass_through
 from ._jax_internals import LaneJaxpr, LaneTrace, eval_lane, trace_lane, under_staging_trace
 from ._planner import LaneOutputs, collect_outputs
 from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher
-from ._transform import baked_error, tracer_error
+from ._diagnose import baked_error, tracer_error
 from .errors import StateTypeError
 
 __all__ = ["Body", "check_same_structure", "check_same_types", "sliced", "strong", "trace_body", "write_back"]

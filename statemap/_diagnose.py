@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import types
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ from ._catalogue import LaneRecorder
 from ._state import State, describe
 from .errors import AxisNameError, StatemapError, TracedStateError
 
-__all__ = ["diagnosing"]
+__all__ = ["baked_error", "diagnosing", "tracer_error"]
 
 _PRIVATE_AXIS = "statemap-"
 _UNBOUND = re.compile(r"unbound axis name: (.+?)(?:\. To fix this|$)", re.S)
@@ -161,3 +161,25 @@ def _resolve(frame: types.FrameType, chain: str) -> Any:
         except Exception:  # noqa: BLE001 (a property that fails names no state)
             return None
     return obj
+
+
+def baked_error(api: str, state: State) -> StatemapError:
+    """The error for a transform that would bake ``state``'s value into a raw JAX program."""
+    return StatemapError(
+        f"{api}: called inside a JAX transformation that statemap does not manage and "
+        f"that stages a program (jax.jit, a jax.lax loop or branch, jax.checkpoint, ...): "
+        f"the current value of {describe(state)} would be baked into that program as a "
+        f"constant, and later calls would not see its new values. Use statemap.jit (and "
+        f"statemap.scan, statemap.for_loop, statemap.cond, ...) instead."
+    )
+
+
+def tracer_error(api: str, states: Sequence[State]) -> StatemapError:
+    """The error for writes that would leave a raw JAX transform's tracers in ``states``."""
+    which = ", ".join(describe(s) for s in states) or "the states it creates"
+    return StatemapError(
+        f"{api}: called inside a JAX transformation that statemap does not manage "
+        f"(jax.vmap, jax.grad, jax.jvp, ...), so the states it writes ({which}) would be "
+        f"left holding that transformation's tracers. Call it outside, or use statemap's "
+        f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 
@@ -57,7 +57,7 @@ def donatable(
             new = lane.out_avals[pos]
             shape = list(new.shape)
             if out.exit is Exit.STACKED:
-                shape.insert(out.axis % (len(shape) + 1), size)
+                shape.insert(cast(int, out.axis) % (len(shape) + 1), size)
             same = tuple(shape) == tuple(found[1].shape) and new.dtype == found[1].dtype
             if same and not jax.dtypes.issubdtype(new.dtype, jax.dtypes.extended):  # keys: not worth the risk
                 donated.append(found[0])
@@ -76,6 +76,7 @@ def _count(inputs: list[Any], pos: int) -> int:
 
 class _Slot:
     __slots__ = ("_value",)
+    _value: Any
 
 
 def _baseline() -> int:

@@ -151,7 +151,7 @@ class Plan:
             raise StalePlan()
         if watcher is None:
             try:
-                return [ref()._value for ref in self.refs]
+                return [ref()._value for ref in self.refs]  # type: ignore[union-attr]
             except AttributeError:  # a dead state's ``ref()`` is None: cheaper than testing each
                 raise StalePlan() from None
         states = self.states()

@@ -8,14 +8,14 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 
 from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
-from ._diagnose import diagnosing
+from ._diagnose import baked_error, diagnosing, tracer_error
 from ._donation import shield, spent
 from ._explain import Explanation
 from ._identity import IdentityDict
@@ -24,9 +24,9 @@ from ._plan import Plan, StalePlan, shapes_of
 from ._planner import Decisions, LaneOutputs, collect_outputs
 from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher, read_through
 from ._writeback import commit, detached
-from .errors import BatchAxisError, StatemapError
+from .errors import BatchAxisError
 
-__all__ = ["MISSING", "StatefulTransform", "baked_error", "tracer_error"]
+__all__ = ["MISSING", "StatefulTransform"]
 
 
 class _Missing:
@@ -313,7 +313,7 @@ class StatefulTransform(abc.ABC):
             if plan.refusal is not None:
                 raise BatchAxisError(plan.refusal)
         if watcher is None and plan.refs and under_staging_trace():
-            raise baked_error(self.api, plan.refs[0]())
+            raise baked_error(self.api, cast(State, plan.refs[0]()))
         inputs = [*call.leaves, *values] if plan.flat_ins else self._inputs(plan, call, values)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
@@ -341,28 +341,6 @@ class StatefulTransform(abc.ABC):
                 states = plan.states() or []
                 raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
             raise
-
-
-def baked_error(api: str, state: State) -> StatemapError:
-    """The error for a transform that would bake ``state``'s value into a raw JAX program."""
-    return StatemapError(
-        f"{api}: called inside a JAX transformation that statemap does not manage and "
-        f"that stages a program (jax.jit, a jax.lax loop or branch, jax.checkpoint, ...): "
-        f"the current value of {describe(state)} would be baked into that program as a "
-        f"constant, and later calls would not see its new values. Use statemap.jit (and "
-        f"statemap.scan, statemap.for_loop, statemap.cond, ...) instead."
-    )
-
-
-def tracer_error(api: str, states: Sequence[State]) -> StatemapError:
-    """The error for writes that would leave a raw JAX transform's tracers in ``states``."""
-    which = ", ".join(describe(s) for s in states) or "the states it creates"
-    return StatemapError(
-        f"{api}: called inside a JAX transformation that statemap does not manage "
-        f"(jax.vmap, jax.grad, jax.jvp, ...), so the states it writes ({which}) would be "
-        f"left holding that transformation's tracers. Call it outside, or use statemap's "
-        f"own transforms (statemap.vmap, statemap.grad, statemap.jit, ...) around it."
-    )
 
 
 def _committed_apart(inputs: Sequence[Any]) -> bool:
