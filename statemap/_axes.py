@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import jax
+from jax.sharding import PartitionSpec
 
 from ._filters import to_predicate
 from ._state import State, describe
@@ -17,6 +18,7 @@ __all__ = [
     "check_axes_tree",
     "leaf_axes",
     "lane_aval",
+    "partition_spec",
 ]
 
 Predicate = Callable[[tuple, State], bool]
@@ -66,6 +68,11 @@ def lane_aval(x: Any, axis: int | None) -> Any:
     shape = aval.shape if axis is None else aval.shape[:axis] + aval.shape[axis + 1 :]
     # A fresh aval: the value's sharding (a pmap output's mesh, say) is not the lane's.
     return jax.core.ShapedArray(shape, aval.dtype, weak_type=aval.weak_type)
+
+
+def partition_spec(axis: int | None, name: Hashable) -> PartitionSpec:
+    """The partition of a value mapped on ``axis`` (None: replicated) over mesh axis ``name``."""
+    return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), name)
 
 
 @attrs.frozen

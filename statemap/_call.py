@@ -331,7 +331,7 @@ def infer_static(
     """
     nums = (static_argnums,) if isinstance(static_argnums, int) else static_argnums
     names = (static_argnames,) if isinstance(static_argnames, str) else static_argnames
-    if nums == () and names == () and type(nums) is tuple and type(names) is tuple:
+    if nums == () and names == ():
         return (), ()  # nothing to complete or check: skip ``inspect.signature`` (mappings built inline)
     well_typed = isinstance(nums, (tuple, list)) and all(type(i) is int for i in nums)
     if not (well_typed and isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names)):

@@ -220,12 +220,9 @@ class StatefulMapping(StatefulTransform):
         user_avals = lane.out_avals[: outputs.num_user_leaves]
         user_axes = normalise_out_axes(self.api, self._user_out_axes(outputs), user_avals)
         inputs = [*call.leaves, *(leaf for value in recorder.before.values() for leaf in jax.tree.leaves(value))]
-        probe = probe_batched(lane_fn, inputs, in_axes, self._lane_axis, size)
         decisions = decide_outputs(
             self.api, lane, recorder, outputs, user_axes, self.state_out_axes, self.policy,
-            # With every output placed (split states written, user outputs mapped)
-            # there is nothing to ask, and the probe's trace is skipped.
-            lambda candidates: probe(candidates) if candidates else set(),
+            probe_batched(lane_fn, inputs, in_axes, self._lane_axis, size),
         )
         donated = donatable(call, lane, recorder, outputs, decisions, size)
         spec = MapSpec(lane_fn, in_axes, decisions.out_axes, size, self._lane_axis, (*call.donated_leaves, *donated))

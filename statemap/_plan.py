@@ -176,8 +176,11 @@ def batched_outputs(
 
     JAX decides: one trace of ``jax.vmap`` under ``jax.eval_shape`` (nothing
     is compiled or run) reports which outputs carry the mapped axis, so the
-    cost is one trace however many states are written.
+    cost is one trace however many states are written, and none when every
+    output is placed already (no ``candidates``).
     """
+    if not candidates:
+        return set()
 
     def pick(*xs: Any) -> list[Any]:
         outs = lane_fn(jax.lax.axis_index(axis_name), *xs)

@@ -8,12 +8,13 @@ from typing import Any, TypeVar, overload
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from ._axes import partition_spec
 from ._mapping import MISSING, MapSpec, StatefulMapping
 from ._plan import Plan
 from ._policy import PolicyName
-from ._processes import WeakTypes
+from ._processes import WeakTypes, global_lanes, processes_line
 
 __all__ = ["PMapMapping", "pmap"]
 
@@ -121,7 +122,7 @@ class PMapMapping(StatefulMapping):
         # Where jax.pmap leaves its outputs: inputs placed there from the first
         # call on compile once, and a state written by one call is in place for the next.
         mesh = Mesh(np.array(lanes), (spec.axis_name,))
-        homes = [NamedSharding(mesh, _partition(a, spec.axis_name)) for a in spec.in_axes]
+        homes = [NamedSharding(mesh, partition_spec(a, spec.axis_name)) for a in spec.in_axes]
         first_device = lanes[0]
         if any(axis is not None for axis in spec.in_axes):
             run = _placing(pmapped(lane, spec.in_axes, spec.donated), spec.in_axes, len(lanes), first_device, homes)
@@ -167,25 +168,14 @@ class PMapMapping(StatefulMapping):
         return size
 
     def _global_axis_size(self, size: int | None) -> int:
-        """The number of lanes over every process, given this process's part ``size``."""
-        local = len(self._local_devices())
         lanes = len(self.devices) if self.devices is not None else jax.device_count(self.backend)
-        if size is not None and size != local:
-            raise ValueError(
-                f"{self.api}: the mapped axis has size {size} on process "
-                f"{jax.process_index(self.backend)}, but each process passes its local part "
-                f"under jax.distributed, and this process holds {local} of the map's {lanes} "
-                f"devices. Pass a mapped axis of local size {local} "
-                f"(`jax.local_device_count()`) on every process."
-            )
-        return lanes
+        return global_lanes(self.api, size, len(self._local_devices()), lanes, f"the map's {lanes} devices")
 
     def _explain_lines(self, plan: Plan) -> list[str]:
         devices = self._local_devices()[: plan.axis_size]
         lines = [f"devices: {', '.join(str(d) for d in devices)}"]
-        processes = jax.process_count(self.backend)
-        if processes > 1:
-            lines.append(f"processes: {processes}; this one passes {len(devices)} of the {plan.axis_size} lanes")
+        if jax.process_count(self.backend) > 1:
+            lines.append(processes_line(len(devices), plan.axis_size))
         return lines
 
 
@@ -227,10 +217,6 @@ def _misplaced(x: Any, axis: int | None, size: int) -> bool:
         return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
     one_slice = (*x.shape[:axis], 1, *x.shape[axis + 1 :])
     return len(sharding.device_set) != size or tuple(sharding.shard_shape(x.shape)) != one_slice
-
-
-def _partition(axis: int | None, name: Hashable) -> PartitionSpec:
-    return PartitionSpec() if axis is None else PartitionSpec(*[None] * axis, name)
 
 
 def _at_home(x: Any, home: NamedSharding) -> Any:

@@ -5,9 +5,31 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+
 from ._jax_internals import fast_aval, weakly_typed
 
-__all__ = ["WeakTypes"]
+__all__ = ["WeakTypes", "global_lanes", "processes_line"]
+
+
+def global_lanes(api: str, size: int | None, local: int, lanes: int, devices: str) -> int:
+    """The number of lanes over every process, ``lanes``, given this process's part ``size``.
+
+    Raises:
+      ValueError: ``size`` is not this process's ``local`` number of ``devices``.
+    """
+    if size is not None and size != local:
+        raise ValueError(
+            f"{api}: the mapped axis has size {size} on process {jax.process_index()}, but each "
+            f"process passes its local part under jax.distributed, and this process holds "
+            f"{local} of {devices}. Pass a mapped axis of local size {local} on every process."
+        )
+    return lanes
+
+
+def processes_line(local: int, lanes: int) -> str:
+    """The ``explain()`` line saying which part of the lanes this process passes."""
+    return f"processes: {jax.process_count()}; this one passes {local} of the {lanes} lanes"
 
 
 class WeakTypes:

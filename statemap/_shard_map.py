@@ -11,15 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding
 
+from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
 from ._mapping import MapSpec, StatefulMapping
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
-from ._processes import WeakTypes
+from ._processes import WeakTypes, global_lanes, processes_line
 from ._transform import MISSING
 
 __all__ = ["ShardMapMapping", "shard_map"]
@@ -103,8 +104,8 @@ class ShardMapMapping(StatefulMapping):
         mapped = jax.shard_map(
             block,
             mesh=self.mesh,
-            in_specs=tuple(_spec(a, name) for a in spec.in_axes),
-            out_specs=[_spec(a, name) for a in spec.out_axes],
+            in_specs=tuple(partition_spec(a, name) for a in spec.in_axes),
+            out_specs=[partition_spec(a, name) for a in spec.out_axes],
             axis_names={name},
             # The base has already proved, with vmap's rules, that every
             # output declared replicated is the same on every device.
@@ -113,7 +114,7 @@ class ShardMapMapping(StatefulMapping):
         program = jax.jit(mapped, donate_argnums=spec.donated)
         if weak is not None:
             return weak.recording(_across_processes(program, self.mesh, spec))
-        placed = _Placed([NamedSharding(self.mesh, _spec(a, name)) for a in spec.in_axes])
+        placed = _Placed([NamedSharding(self.mesh, partition_spec(a, name)) for a in spec.in_axes])
         return lambda *inputs: program(*placed(inputs))
 
     def _trace(
@@ -129,7 +130,9 @@ class ShardMapMapping(StatefulMapping):
     def _resolve_axis_size(self, size: int | None) -> int:
         devices = self.mesh.shape[self._lane_axis]
         if jax.process_count() > 1:
-            return self._global_axis_size(size, devices)
+            local = self.mesh.local_mesh.shape[self._lane_axis]
+            held = f"the {devices} devices along mesh axis {self._lane_axis!r}"
+            return global_lanes(self.api, size, local, devices, held)
         if size is None:
             return devices
         if size != devices:
@@ -140,30 +143,12 @@ class ShardMapMapping(StatefulMapping):
             )
         return size
 
-    def _global_axis_size(self, size: int | None, lanes: int) -> int:
-        """The number of lanes over every process, given this process's part ``size``."""
-        local = self.mesh.local_mesh.shape[self._lane_axis]
-        if size is not None and size != local:
-            raise ValueError(
-                f"{self.api}: the mapped axis has size {size} on process {jax.process_index()}, "
-                f"but each process passes its local part under jax.distributed, and this "
-                f"process holds {local} of the {lanes} devices along mesh axis "
-                f"{self._lane_axis!r}. Pass a mapped axis of local size {local} on every process."
-            )
-        return lanes
-
     def _explain_lines(self, plan: Plan) -> list[str]:
         shape = ", ".join(f"{k!r}: {v}" for k, v in self.mesh.shape.items())
         lines = [f"mesh: {{{shape}}}, lanes along {self._lane_axis!r}"]
         if jax.process_count() > 1:
-            local = self.mesh.local_mesh.shape[self._lane_axis]
-            lines.append(f"processes: {jax.process_count()}; this one passes {local} of the {plan.axis_size} lanes")
+            lines.append(processes_line(self.mesh.local_mesh.shape[self._lane_axis], plan.axis_size))
         return lines
-
-
-def _spec(axis: int | None, name: Hashable) -> PartitionSpec:
-    """The partition of a value mapped on ``axis`` (None: replicated) over mesh axis ``name``."""
-    return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), name)
 
 
 def _across_processes(program: Callable[..., Any], mesh: Mesh, spec: MapSpec) -> Callable[..., Sequence[Any]]:
@@ -174,8 +159,8 @@ def _across_processes(program: Callable[..., Any], mesh: Mesh, spec: MapSpec) ->
     devices. Both conversions reuse the device buffers.
     """
     name = spec.axis_name
-    in_specs = [_spec(a, name) for a in spec.in_axes]
-    out_specs = [_spec(a, name) for a in spec.out_axes]
+    in_specs = [partition_spec(a, name) for a in spec.in_axes]
+    out_specs = [partition_spec(a, name) for a in spec.out_axes]
     placed = _Placed([NamedSharding(mesh.local_mesh, s) for s in in_specs])
 
     def run(*inputs: Any) -> Sequence[Any]:
