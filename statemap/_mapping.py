@@ -30,7 +30,7 @@ from ._state import State
 from ._transform import MISSING, StatefulTransform
 
 
-__all__ = ["MISSING", "MapSpec", "StatefulMapping"]
+__all__ = ["MISSING", "MapSpec", "StatefulMapping", "refuse_deleted"]
 
 
 @attrs.frozen
@@ -232,6 +232,12 @@ class StatefulMapping(StatefulTransform):
         tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))
         axes = leaf_axes(self.api, "out_axes", self.out_axes, tree, "outputs")
         return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
+
+
+def refuse_deleted(api: str, x: jax.Array) -> None:
+    """Raise for an input whose buffer is gone, which ``jax.pmap`` and ``jit(shard_map)`` crash on (jax 0.10.2)."""
+    if x.is_deleted():
+        raise RuntimeError(f"{api}: an input Array has been deleted (donated to an earlier call?).")
 
 
 def _hashable_axes(axes: Any) -> Hashable:

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ._axes import partition_spec
-from ._mapping import MISSING, MapSpec, StatefulMapping
+from ._mapping import MISSING, MapSpec, StatefulMapping, refuse_deleted
 from ._plan import Plan
 from ._policy import PolicyName
 from ._processes import WeakTypes, global_lanes, processes_line
@@ -223,10 +223,10 @@ def _at_home(x: Any, home: NamedSharding) -> Any:
     """``x`` where ``jax.pmap`` leaves outputs like it; tracers and other placements pass as they are."""
     if isinstance(x, jax.core.Tracer):
         return x
-    if isinstance(x, jax.Array) and x.is_deleted():
-        # jax.pmap's fast path crashes the process on a deleted buffer (jax 0.10.2).
-        raise RuntimeError("statemap.pmap: an input Array has been deleted (donated to an earlier call?).")
-    return x if isinstance(x, jax.Array) and x.committed else jax.device_put(x, home)
+    if not isinstance(x, jax.Array):
+        return jax.device_put(x, home)
+    refuse_deleted("statemap.pmap", x)
+    return x if x.committed else jax.device_put(x, home)
 
 
 def _placed(x: Any, axis: int | None, size: int, device: jax.Device) -> Any:

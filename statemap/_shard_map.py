@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
-from ._mapping import MapSpec, StatefulMapping
+from ._mapping import MapSpec, StatefulMapping, refuse_deleted
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
@@ -190,9 +190,7 @@ class _Placed:
     def place(self, i: int, x: Any, sharding: NamedSharding) -> Any:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return x
-        if x.is_deleted():
-            # jax.jit(jax.shard_map(...)) crashes the process on a deleted buffer (jax 0.10.2).
-            raise RuntimeError("statemap.shard_map: an input Array has been deleted (donated to an earlier call?).")
+        refuse_deleted("statemap.shard_map", x)
         if x.sharding == sharding:
             return x
         kept = self.copies.get(i)
