@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from ._plan import Plan
+from ._shortcut import Shortcut
 from ._state import State
 
 __all__ = ["PlanCache", "shared_plans"]
@@ -34,6 +35,8 @@ class PlanCache:
         # Set by weakref callbacks, which may run in any thread at any time;
         # the pruning itself happens in the calling thread, under its lock.
         self._dead = False
+        self.shortcut: Shortcut | None = None
+        """How the last warm call can be repeated without a plan lookup."""
 
     def __len__(self) -> int:
         if self._dead:
@@ -74,6 +77,8 @@ class PlanCache:
             plans.remove(plan)
         if not plans:
             self._plans.pop(key, None)
+        if self.shortcut is not None and self.shortcut.plan is plan:
+            self.shortcut = None
 
     def ref(self, state: State) -> weakref.ref:
         """A weak reference to ``state`` that prunes dead plans when it dies."""
@@ -98,6 +103,8 @@ class PlanCache:
 
     def _prune(self) -> None:
         self._dead = False
+        if self.shortcut is not None and self.shortcut.plan.states() is None:
+            self.shortcut = None
         for key in list(self._plans):
             alive = [p for p in self._plans[key] if p.states() is not None]
             if alive:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import operator
 from collections.abc import Callable, Hashable, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ import jax
 from ._axes import axis_in_range, lane_aval, leaf_axes
 from ._catalogue import SizeSources
 from ._identity import IdentityDict
-from ._jax_internals import fast_aval
+from ._jax_internals import fast_aval, trace_settings
 from ._state import State, describe
 from .errors import BatchAxisError
 
@@ -21,20 +20,6 @@ if TYPE_CHECKING:
     from ._transform import StatefulTransform
 
 __all__ = ["Call", "StaticKey", "infer_static"]
-
-
-# JAX settings read while a function is traced: a plan made under one value
-# is wrong under another, so (as in ``jax.jit``'s cache) they are part of the key.
-TRACE_SETTINGS = (
-    "jax_enable_x64",
-    "jax_numpy_rank_promotion",
-    "jax_numpy_dtype_promotion",
-    "jax_default_matmul_precision",
-    "jax_default_prng_impl",
-    "jax_threefry_partitionable",
-    "jax_softmax_custom_jvp",
-)
-_trace_settings = operator.attrgetter(*TRACE_SETTINGS)
 
 
 def _arg_name(path: Sequence[Any], positions: Sequence[int]) -> str:
@@ -52,7 +37,7 @@ class Call:
 
     def __init__(self, mapping: StatefulTransform, args: tuple, kwargs: dict[str, Any]):
         self.mapping = mapping
-        self.num_args = len(args)
+        self.num_args, self.num_kwargs = len(args), len(kwargs)
         self.statics = _statics(mapping, args) if mapping.static_argnums else ()
         self.static_kwargs = _static_kwargs(mapping, kwargs) if kwargs and mapping.static_argnames else ()
         if self.static_kwargs:
@@ -66,7 +51,8 @@ class Call:
             avals = self._without_states()
         identities = tuple((i, id(state)) for i, state in self.state_args) if self.state_args else ()
         statics = _static_key(self.statics + self.static_kwargs) if self.statics or self.static_kwargs else ()
-        self.key: Hashable = (self.treedef, statics, avals, identities, _trace_settings(jax.config))
+        self.settings = trace_settings()
+        self.key: Hashable = (self.treedef, statics, avals, identities, self.settings)
 
     @cached_property
     def positions(self) -> list[int]:

@@ -98,19 +98,18 @@ def _baseline() -> int:
 _HELD = _baseline()
 
 
-def shield(inputs: list[Any], positions: Sequence[int], watched: bool) -> None:
+def shield(inputs: list[Any], positions: Sequence[int], copy_all: bool) -> None:
     """Put fresh copies in ``inputs`` at ``positions`` for every buffer that must survive the call.
 
     The caller's ``inputs`` and ``values`` lists must be statemap's only
     references besides the state's own slot (see ``_baseline``). Every
-    concrete value is copied when the call is ``watched`` (a ``StateTrace`` or
-    an enclosing statemap trace sees its writes, not the states) or inside an
-    outer JAX trace (``jax.vmap`` may run the program eagerly, and the call
-    then fails after it).
+    concrete value is copied (``copy_all``) when the call is watched (a
+    ``StateTrace`` or an enclosing statemap trace sees its writes, not the
+    states) or inside an outer JAX transform (``jax.vmap`` may run the
+    program eagerly, and the call then fails after it).
     """
     if not positions:
         return
-    copy_all = watched or any(isinstance(x, jax.core.Tracer) for x in inputs)
     for pos in positions:
         value = inputs[pos]
         if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):

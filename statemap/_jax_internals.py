@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
-from jax._src import api_util, core, source_info_util
+from jax._src import api_util, config, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.interpreters import batching
 from jax._src.interpreters import partial_eval as pe
@@ -28,10 +28,13 @@ __all__ = [
     "AxisSizeNeeded",
     "LaneJaxpr",
     "LaneTrace",
+    "at_eval_trace",
     "escaped",
     "eval_lane",
     "fast_aval",
     "trace_lane",
+    "settings_jit_ignores",
+    "trace_settings",
     "under_staging_trace",
     "vmap_batched",
     "weakly_typed",
@@ -164,6 +167,38 @@ def under_staging_trace() -> bool:
             return True
         trace = getattr(trace, "parent_trace", None)
     return False
+
+
+def at_eval_trace() -> bool:
+    """Whether code runs outside every JAX transform: arrays here are concrete."""
+    return type(core.trace_ctx.trace) is core.EvalTrace
+
+
+def trace_settings() -> tuple[Any, ...]:
+    """The JAX settings a trace depends on, as this thread sees them.
+
+    A plan made under one value is wrong under another, so (as in ``jax.jit``'s
+    cache) they are part of its key. Read from the settings' holders: a third
+    of the cost of ``jax.config``'s attributes, on every call.
+    """
+    return (
+        config.enable_x64.value,
+        config.numpy_rank_promotion.value,
+        config.numpy_dtype_promotion.value,
+        config.default_matmul_precision.value,
+        config.default_prng_impl.value,
+        config.threefry_partitionable.value,
+        config.softmax_custom_jvp.value,
+    )
+
+
+def settings_jit_ignores() -> tuple[Any, ...]:
+    """Those of ``trace_settings`` that ``jax.jit``'s own cache does not key on.
+
+    A program traced under one default PRNG implementation runs unchanged
+    under another, though a key made inside the function changes type.
+    """
+    return (config.default_prng_impl.value,)
 
 
 def eval_lane(lane: LaneJaxpr, inputs: Sequence[Any]) -> list[Any]:

@@ -44,6 +44,7 @@ class JitTransform(StatefulTransform):
 
     api = "statemap.jit"
     compile_ahead = True
+    programs_check_inputs = True
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # A decorated method binds its instance, as a ``jax.jit`` one does;

@@ -49,6 +49,7 @@ class LaxMapMapping(StatefulMapping):
     """
 
     api = "statemap.map"
+    programs_check_inputs = True
 
     def __init__(
         self,

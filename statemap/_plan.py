@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from ._catalogue import StateIn
 from ._jax_internals import vmap_batched
 from ._state import State, Watcher
 
-__all__ = ["Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
+__all__ = ["TRUSTED", "Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
 
 
 def shapes_of(value: Any) -> tuple[tuple[tuple[int, ...], Any, bool], ...]:
@@ -32,6 +33,20 @@ def _leaf_type(aval: Any) -> tuple[tuple[int, ...], Any, bool]:
 
 class StalePlan(Exception):
     """Raised while JAX retraces a plan's program for inputs it was not built for."""
+
+
+class _Trusted(threading.local):
+    """Whether this thread runs a program trusted to refuse inputs its plan was not built for.
+
+    A repeated call leaves its signature check to the program's own cache
+    (``jax.jit``'s): there, any retrace of a lane means other inputs, so the
+    lane raises ``StalePlan`` and the call takes the long way.
+    """
+
+    active = False
+
+
+TRUSTED = _Trusted()
 
 
 class Exit(enum.Enum):
@@ -158,6 +173,23 @@ class Plan:
         if states is None:
             raise StalePlan()
         return [watcher.read(s) for s in states]
+
+    def inputs(self, leaves: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+        """The program's flat inputs: the argument ``leaves``, then every input state's leaves.
+
+        Raises:
+          StalePlan: a state's value is not the pytree the plan was built for.
+        """
+        inputs = list(leaves)
+        for value, entry in zip(values, self.ins):
+            if entry.is_leaf:
+                inputs.append(value)
+                continue
+            flat, treedef = jax.tree.flatten(value)
+            if treedef != entry.treedef:
+                raise StalePlan()
+            inputs += flat
+        return inputs
 
     def fits(self, values: Sequence[Any]) -> bool:
         """Whether ``values`` (one per input state) have the structure and shapes planned for."""

@@ -13,7 +13,7 @@ import numpy as np
 from ._axes import StateAxes, axis_in_range
 from ._catalogue import Entry, LaneRecorder, StateIn
 from ._jax_internals import LaneJaxpr, escaped, eval_lane
-from ._plan import Exit, StalePlan, StateOut, batched_outputs
+from ._plan import TRUSTED, Exit, StalePlan, StateOut, batched_outputs
 from ._policy import WritePolicy
 from ._state import State, describe
 from .errors import BatchAxisError, StatemapError
@@ -62,7 +62,7 @@ def make_lane_fn(
     expected = [(aval.shape, aval.dtype, aval.weak_type) for aval in lane.in_avals]
 
     def lane_fn(lane_index: Any, *inputs: Any) -> list[Any]:
-        if not _fits(inputs, expected):
+        if TRUSTED.active or not _fits(inputs, expected):
             raise StalePlan()
         values = list(inputs)
         advanced = []

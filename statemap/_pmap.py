@@ -43,6 +43,7 @@ class PMapMapping(StatefulMapping):
     """
 
     api = "statemap.pmap"
+    programs_check_inputs = True
     static_argnums_name = "static_broadcasted_argnums"
     default_size_origin = "the number of devices"
 

@@ -53,6 +53,7 @@ class ShardMapMapping(StatefulMapping):
     """
 
     api = "statemap.shard_map"
+    programs_check_inputs = True
     default_size_origin = "the mesh axis"
 
     def __init__(

@@ -15,15 +15,16 @@ import jax
 from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
-from ._diagnose import baked_error, diagnosing, tracer_error
-from ._donation import shield, spent
+from ._diagnose import baked_error, diagnosing
+from ._dispatch import dispatch
 from ._explain import Explanation
 from ._identity import IdentityDict
-from ._jax_internals import LaneJaxpr, LaneTrace, trace_lane, under_staging_trace
-from ._plan import Plan, StalePlan, shapes_of
+from ._jax_internals import LaneJaxpr, LaneTrace, at_eval_trace, trace_lane, under_staging_trace
+from ._plan import TRUSTED, Plan, StalePlan, shapes_of
 from ._planner import Decisions, LaneOutputs, collect_outputs
-from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher, read_through
-from ._writeback import commit, detached
+from ._shortcut import Shortcut
+from ._state import State, current_watcher, drop_watcher, pop_watcher, push_watcher, read_through
+from ._writeback import detached
 from .errors import BatchAxisError
 
 __all__ = ["MISSING", "StatefulTransform"]
@@ -72,6 +73,9 @@ class StatefulTransform(abc.ABC):
     axis_size: int | None = None
     compile_ahead: bool = False
     """Whether plans' programs are ``jax.jit`` functions, compiled before the first run (see ``_compile``)."""
+    programs_check_inputs: bool = False
+    """Whether plans' programs run only for the input signatures they were traced for and trace
+    again for any other (``jax.jit`` and ``jax.pmap`` do); repeated calls then leave that check to them."""
 
     def __init__(
         self,
@@ -122,6 +126,13 @@ class StatefulTransform(abc.ABC):
     # The call.
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        shortcut = self._plans.shortcut
+        if shortcut is not None and not kwargs:
+            leaves = shortcut.leaves(args)
+            if leaves is not None:
+                out = self._repeat(shortcut, leaves)
+                if out is not _COLD:
+                    return out
         call = Call(self, args, kwargs)
         for _ in range(_REBUILDS):
             out = self._attempt(call, retry=True)
@@ -135,6 +146,18 @@ class StatefulTransform(abc.ABC):
             out = self._warm(call)
         return self._cold(call, retry) if out is _COLD else out
 
+    def _repeat(self, shortcut: Shortcut, leaves: Sequence[Any]) -> Any:
+        """Run the call ``shortcut`` recognised; ``_COLD`` if the long way must decide."""
+        plan = shortcut.plan
+        with _RUN_LOCK:
+            trusted, TRUSTED.active = TRUSTED.active, shortcut.trusted
+            try:
+                return dispatch(self.api, plan, leaves, plan.values(None), trusted=shortcut.trusted)
+            except StalePlan:
+                return _COLD  # a state died, or the program was given other inputs than it was built for
+            finally:
+                TRUSTED.active = trusted
+
     def _warm(self, call: Call) -> Any:
         """Run ``call`` with a cached plan (the caller holds ``_RUN_LOCK``); ``_COLD`` if none fits."""
         for rank, plan in enumerate(self._plans.get(call.key)):
@@ -146,6 +169,8 @@ class StatefulTransform(abc.ABC):
                 continue
             if rank:
                 self._plans.promote(call.key, plan)
+            if self._plans.shortcut is None or self._plans.shortcut.plan is not plan:
+                self._plans.shortcut = Shortcut.of(self, call, plan)
             return out
         return _COLD
 
@@ -279,24 +304,11 @@ class StatefulTransform(abc.ABC):
         if current_watcher() is not None:
             return
         try:
-            inputs = self._inputs(plan, call, plan.values(None))
+            inputs = plan.inputs(call.leaves, plan.values(None))
             if not any(isinstance(x, jax.core.Tracer) for x in inputs):
                 plan.program.lower(*inputs).compile()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 (reported by the run, see above)
             pass
-
-    def _inputs(self, plan: Plan, call: Call, values: Sequence[Any]) -> list[Any]:
-        """The program's flat inputs: the argument leaves, then every input state's leaves."""
-        inputs = list(call.leaves)
-        for value, entry in zip(values, plan.ins):
-            if entry.is_leaf:
-                inputs.append(value)
-                continue
-            leaves, treedef = jax.tree.flatten(value)
-            if treedef != entry.treedef:
-                raise StalePlan()
-            inputs += leaves
-        return inputs
 
     def _fits(self, plan: Plan) -> bool:
         states = plan.states()
@@ -312,59 +324,12 @@ class StatefulTransform(abc.ABC):
                 raise StalePlan()
             if plan.refusal is not None:
                 raise BatchAxisError(plan.refusal)
-        if watcher is None and plan.refs and under_staging_trace():
+        outside = at_eval_trace()
+        if watcher is None and plan.refs and not outside and under_staging_trace():
             raise baked_error(self.api, cast(State, plan.refs[0]()))
-        inputs = [*call.leaves, *values] if plan.flat_ins else self._inputs(plan, call, values)
         for message in plan.warnings:
             warnings.warn(message, UserWarning, stacklevel=3)
-        shield(inputs, plan.donated_states, watched=watcher is not None)
-        outs = None
-        try:
-            outs = self._execute(plan, call, values, inputs)
-            if watcher is None and plan.writes and any(isinstance(x, jax.core.Tracer) for x in outs[plan.num_user_leaves :]):
-                raise tracer_error(self.api, [s for s in (o.ref() for o in plan.outs + plan.advanced) if s is not None])
-            return commit(plan, outs, made, watcher)
-        except BaseException:
-            if outs is not None and plan.donated_states and spent(values):
-                commit(plan, outs, made, watcher)  # interrupted after the program took the old buffers: finish
-            raise
-
-    def _execute(self, plan: Plan, call: Call, values: Sequence[Any], inputs: Sequence[Any]) -> Sequence[Any]:
-        try:
-            if plan.effects:  # a host callback may fail after dispatch: wait, so a failed call writes nothing
-                return jax.block_until_ready(plan.program(*inputs))
-            return plan.program(*inputs)  # one line: no interrupt between the program and the return
-        except Exception as err:
-            if not plan.fits(values):
-                raise StalePlan() from None
-            if _committed_apart(inputs):
-                states = plan.states() or []
-                raise ValueError(f"{self.api}: incompatible devices: {_placement(call, states, values)}") from err
-            raise
-
-
-def _committed_apart(inputs: Sequence[Any]) -> bool:
-    """Whether committed inputs sit on different sets of devices, which ``jax.jit`` refuses."""
-    placements = {
-        frozenset(x.sharding.device_set)
-        for x in inputs
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
-    }
-    return len(placements) > 1
-
-
-def _placement(call: Call, states: Sequence[State], values: Sequence[Any]) -> str:
-    """Where the arguments and each input state live, for a devices error."""
-
-    def devices(tree: Any) -> list[int]:
-        return sorted({d.id for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()})
-
-    where = [f"{describe(s)} is on device(s) {devices(v)}" for s, v in zip(states, values)]
-    return (
-        f"the arguments are on device(s) {devices(call.leaves)}; " + "; ".join(where) + ". Move a "
-        "state next to the arguments with `state.value = jax.device_put(state.value, device)`."
-    )
-
+        return dispatch(self.api, plan, call.leaves, values, made, watcher, outside)
 
 def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:
     if isinstance(argnums, int) and not isinstance(argnums, bool):

@@ -31,6 +31,7 @@ class VMapMapping(StatefulMapping):
 
     api = "statemap.vmap"
     compile_ahead = True
+    programs_check_inputs = True
 
     def __init__(
         self,

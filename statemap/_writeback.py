@@ -25,7 +25,7 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     if plan.simple_writes is not None and watcher is None:
         # The common case, in one C loop: the outputs after the user's are the new values.
         any(map(_set_value, [ref() for ref in plan.simple_writes], outs[pos:]))  # type: ignore[arg-type]
-        return _user_output(plan, outs, [])
+        return _user_output(plan, outs, []) if plan.returns_states else plan.out_tree.unflatten(outs[:pos])
     states: list[Any] = [out.ref() for out in plan.outs]
     if plan.leaf_outs:
         values = list(outs[pos : pos + len(states)])
