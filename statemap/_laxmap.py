@@ -76,7 +76,7 @@ class LaxMapMapping(StatefulMapping):
         return (super()._options(), self.batch_size)
 
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
-        size = spec.axis_size
+        api, size = self.api, spec.axis_size
         chunk = min(self.batch_size or 1, size)
         stacked = [None if a is None else 0 for a in spec.out_axes]
 
@@ -89,6 +89,8 @@ class LaxMapMapping(StatefulMapping):
             )
 
         def run(*inputs: Any) -> list[Any]:
+            if any(x.shape[a] != size for x, a in zip(inputs, spec.in_axes) if a is not None):
+                raise ValueError(f"{api}: a program for {size} lanes was given another number")
             leading = [x if a is None else jnp.moveaxis(x, a, 0) for x, a in zip(inputs, spec.in_axes)]
             full, rest = divmod(size, chunk)
             outs = _chunks(lanes, leading, spec.in_axes, spec.out_axes, full, chunk)

@@ -74,8 +74,14 @@ class StatefulTransform(abc.ABC):
     compile_ahead: bool = False
     """Whether plans' programs are ``jax.jit`` functions, compiled before the first run (see ``_compile``)."""
     programs_check_inputs: bool = False
-    """Whether plans' programs run only for the input signatures they were traced for and trace
-    again for any other (``jax.jit`` and ``jax.pmap`` do); repeated calls then leave that check to them."""
+    """Whether plans' programs refuse inputs of other shapes than they were planned for.
+
+    Such a program (a ``jax.jit`` with its sizes fixed, say) runs only for the
+    input signatures it was traced for, and for any other traces again and
+    fails (its lanes see other shapes, or its fixed sizes disagree). If not,
+    every call compares the states' values with the plan; if so, that check
+    is left to the program, and repeated calls leave it the arguments too.
+    """
 
     def __init__(
         self,
@@ -152,7 +158,10 @@ class StatefulTransform(abc.ABC):
         with _RUN_LOCK:
             trusted, TRUSTED.active = TRUSTED.active, shortcut.trusted
             try:
-                return dispatch(self.api, plan, leaves, plan.values(None), trusted=shortcut.trusted)
+                values = plan.values(None)
+                if not (shortcut.trusted or plan.fits(values)):
+                    return _COLD
+                return dispatch(self.api, plan, leaves, values, trusted=shortcut.trusted)
             except StalePlan:
                 return _COLD  # a state died, or the program was given other inputs than it was built for
             finally:
@@ -319,11 +328,10 @@ class StatefulTransform(abc.ABC):
             raise StalePlan()
         watcher = current_watcher()
         values = plan.values(watcher)
-        if plan.checks:
-            if not plan.fits(values):
-                raise StalePlan()
-            if plan.refusal is not None:
-                raise BatchAxisError(plan.refusal)
+        if (plan.checks or not self.programs_check_inputs) and not plan.fits(values):
+            raise StalePlan()
+        if plan.refusal is not None:
+            raise BatchAxisError(plan.refusal)
         outside = at_eval_trace()
         if watcher is None and plan.refs and not outside and under_staging_trace():
             raise baked_error(self.api, cast(State, plan.refs[0]()))

@@ -352,3 +352,43 @@ def test_jit_after_repeated_calls_with_another_shape():
         np.testing.assert_array_equal(add(jnp.ones(3)), jnp.full(3, 2.0))
     np.testing.assert_array_equal(add(jnp.ones((2, 2))), jnp.full((2, 2), 2.0))
     assert float(total.value) == 13.0
+
+
+RESIZES = {
+    "vmap": (statemap.vmap, 4, 2),
+    "pmap": (statemap.pmap, 4, 2),
+    "map, batch 3, 6 to 9 lanes": (lambda f, **kw: lambda x: statemap.map(f, batch_size=3, **kw), 6, 9),
+    "map, batch 3, 6 to 12 lanes": (lambda f, **kw: lambda x: statemap.map(f, batch_size=3, **kw), 6, 12),
+    "map, batch 2, 4 to 6 lanes": (lambda f, **kw: lambda x: statemap.map(f, batch_size=2, **kw), 4, 6),
+    "custom, 4 to 2 lanes": (SequentialMapping, 4, 2),
+    "custom, 2 to 4 lanes": (SequentialMapping, 2, 4),
+}
+
+
+# The wrong program, run with the old plan's donations, also makes JAX warn;
+# the suite turns warnings into errors, which would hide the wrong numbers.
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+@pytest.mark.parametrize("calls", [1, 3], ids=["second call", "fourth call"])
+@pytest.mark.parametrize("kind", list(RESIZES))
+def test_a_split_state_with_another_number_of_lanes_and_the_same_arguments(kind, calls):
+    """Only the state gives the axis size: the plan for the old size must not run the new one."""
+    make, before, after = RESIZES[kind]
+    h = statemap.HiddenState(jnp.zeros((before, 3)), name="h")
+
+    def step(x=None):
+        h.value = h.value + 1.0
+        return h.value.sum()
+
+    if kind.startswith("map"):
+        run = make(step, state_in_axes=statemap.HiddenState)
+    else:
+        run = make(step, in_axes=None, state_in_axes=statemap.HiddenState)
+    x = jnp.ones(3)
+    for _ in range(calls):
+        run(x)
+    start = jnp.arange(after * 3.0).reshape(after, 3)
+    h.value = start
+    out = run(x)
+    assert out.shape == (after,)
+    assert_tree_allclose(out, (start + 1).sum(axis=1))
+    assert_tree_allclose(h.value, start + 1)
