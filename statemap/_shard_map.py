@@ -183,17 +183,24 @@ class _Placed:
 
     def __init__(self, shardings: Sequence[NamedSharding]):
         self.shardings = shardings
+        # For each input, the sharding object last found equal to its target:
+        # a program's outputs carry the same objects call after call, and ``is``
+        # costs far less than comparing meshes.
+        self.matched: list[Any] = list(shardings)
         self.copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
 
     def __call__(self, inputs: Sequence[Any]) -> list[Any]:
-        return [self.place(i, x, s) for i, (x, s) in enumerate(zip(inputs, self.shardings))]
+        return [self.place(i, x) for i, x in enumerate(inputs)]
 
-    def place(self, i: int, x: Any, sharding: NamedSharding) -> Any:
+    def place(self, i: int, x: Any) -> Any:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return x
         refuse_deleted("statemap.shard_map", x)
-        if x.sharding == sharding:
+        current = x.sharding
+        if current is self.matched[i] or current == self.shardings[i]:
+            self.matched[i] = current
             return x
+        sharding = self.shardings[i]
         kept = self.copies.get(i)
         if kept is not None and kept[0]() is x:
             return kept[1]
