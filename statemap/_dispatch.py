@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,12 @@ from ._plan import Plan, StalePlan
 from ._state import State, Watcher, describe
 from ._writeback import commit
 
-__all__ = ["dispatch"]
+__all__ = ["RUN_LOCK", "dispatch"]
+
+# Held while a call reads its states, dispatches its program (asynchronous: microseconds) and
+# writes back, so calls touching the same state never interleave; tracing and compiling run
+# outside it, under the plan cache's build lock.
+RUN_LOCK = threading.RLock()
 
 
 def dispatch(

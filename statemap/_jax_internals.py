@@ -33,9 +33,9 @@ __all__ = [
     "eval_lane",
     "fast_aval",
     "trace_lane",
-    "settings_jit_ignores",
     "trace_settings",
     "under_staging_trace",
+    "unkeyed_settings",
     "vmap_batched",
     "weakly_typed",
 ]
@@ -192,12 +192,14 @@ def trace_settings() -> tuple[Any, ...]:
     )
 
 
-def settings_jit_ignores() -> tuple[Any, ...]:
-    """Those of ``trace_settings`` that ``jax.jit``'s own cache does not key on.
+def unkeyed_settings() -> tuple[Any, ...] | None:
+    """Outside every JAX transform, those of ``trace_settings`` that ``jax.jit`` does not key on; else None.
 
     A program traced under one default PRNG implementation runs unchanged
     under another, though a key made inside the function changes type.
     """
+    if type(core.trace_ctx.trace) is not core.EvalTrace:
+        return None
     return (config.default_prng_impl.value,)
 
 

@@ -1,4 +1,4 @@
-"""The shortcut: a transform's last warm call, recognised without building a ``Call``."""
+"""The shortcut: a transform's last warm call, repeated without building a ``Call``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from ._jax_internals import at_eval_trace, fast_aval, settings_jit_ignores, trace_settings
-from ._plan import Plan
+from ._dispatch import RUN_LOCK, dispatch
+from ._jax_internals import fast_aval, trace_settings, unkeyed_settings
+from ._plan import TRUSTED, Plan, StalePlan
 from ._state import current_watcher
 
 if TYPE_CHECKING:
     from ._call import Call
     from ._transform import StatefulTransform
 
-__all__ = ["Shortcut"]
+__all__ = ["MISS", "Shortcut"]
+
+MISS: Any = object()
+"""What ``Shortcut.run`` returns when the call must take the long way."""
 
 
 class Shortcut:
@@ -34,29 +38,48 @@ class Shortcut:
     take the long way.
     """
 
-    __slots__ = ("plan", "trusted", "num_args", "flat", "treedef", "avals", "settings", "jit_ignored")
+    __slots__ = ("api", "plan", "trusted", "num_args", "flat", "treedef", "avals", "settings", "unkeyed")
 
-    def __init__(self, plan: Plan, call: Call, trusted: bool):
+    def __init__(self, transform: StatefulTransform, plan: Plan, call: Call):
+        self.api = transform.api
         self.plan = plan
-        self.trusted = trusted
+        self.trusted = transform.programs_check_inputs
         self.num_args = call.num_args
         self.flat = len(call.leaves) == call.num_args and all(a is x for a, x in zip(call.dynamic, call.leaves))
         self.treedef: Any = jax.tree.structure(call.dynamic)
         self.avals = tuple(map(fast_aval, call.leaves))
         self.settings = call.settings
-        self.jit_ignored = settings_jit_ignores()
+        self.unkeyed = unkeyed_settings()
 
     @classmethod
     def of(cls, transform: StatefulTransform, call: Call, plan: Plan) -> Shortcut | None:
         """The shortcut to ``plan`` for calls like ``call``, or None if such calls must take the long way."""
         simple = not (transform.static_argnums or transform.static_argnames or call.state_args or call.num_kwargs)
         if simple and not (plan.checks or plan.effects or plan.arg_refs):
-            return cls(plan, call, transform.programs_check_inputs)
+            return cls(transform, plan, call)
         return None
 
-    def leaves(self, args: tuple) -> Sequence[Any] | None:
+    def run(self, args: tuple) -> Any:
+        """The output of a call with positional ``args``, or ``MISS`` if the long way must decide."""
+        leaves = self._leaves(args)
+        if leaves is None:
+            return MISS
+        plan, trusted = self.plan, self.trusted
+        with RUN_LOCK:
+            previous, TRUSTED.active = TRUSTED.active, trusted
+            try:
+                values = plan.values(None)
+                if not (trusted or plan.fits(values)):
+                    return MISS
+                return dispatch(self.api, plan, leaves, values, trusted=trusted)
+            except StalePlan:
+                return MISS  # a state died, or the program was given other inputs than it was built for
+            finally:
+                TRUSTED.active = previous
+
+    def _leaves(self, args: tuple) -> Sequence[Any] | None:
         """The argument leaves of a call with positional ``args`` if it may run the plan, else None."""
-        if len(args) != self.num_args or current_watcher() is not None or not at_eval_trace():
+        if len(args) != self.num_args or current_watcher() is not None or unkeyed_settings() != self.unkeyed:
             return None
         if self.flat:
             leaves: Sequence[Any] = args
@@ -65,7 +88,7 @@ class Shortcut:
             if self.treedef != treedef:
                 return None
         if self.trusted:
-            return leaves if settings_jit_ignores() == self.jit_ignored else None
+            return leaves
         try:
             if tuple(map(fast_aval, leaves)) != self.avals:
                 return None

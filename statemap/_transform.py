@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import functools
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -16,13 +15,13 @@ from ._cache import PlanCache, shared_plans
 from ._call import Call
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
 from ._diagnose import baked_error, diagnosing
-from ._dispatch import dispatch
+from ._dispatch import RUN_LOCK, dispatch
 from ._explain import Explanation
 from ._identity import IdentityDict
 from ._jax_internals import LaneJaxpr, LaneTrace, at_eval_trace, trace_lane, under_staging_trace
-from ._plan import TRUSTED, Plan, StalePlan, shapes_of
+from ._plan import Plan, StalePlan, shapes_of
 from ._planner import Decisions, LaneOutputs, collect_outputs
-from ._shortcut import Shortcut
+from ._shortcut import MISS, Shortcut
 from ._state import State, current_watcher, drop_watcher, pop_watcher, push_watcher, read_through
 from ._writeback import detached
 from .errors import BatchAxisError
@@ -38,10 +37,6 @@ class _Missing:
 MISSING: Any = _Missing()
 """The default of ``fn`` in ``vmap``/``pmap``/``jit``: without a function they return a decorator."""
 
-# Held while a call reads its states, dispatches its program (asynchronous: microseconds) and
-# writes back, so calls touching the same state never interleave; tracing and compiling run
-# outside it, under the plan cache's build lock.
-_RUN_LOCK = threading.RLock()
 _COLD: Any = object()  # what ``_warm`` returns when no cached plan can run the call
 _REBUILDS = 2  # retraces of a call whose new plan went stale before its first run
 
@@ -134,11 +129,9 @@ class StatefulTransform(abc.ABC):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         shortcut = self._plans.shortcut
         if shortcut is not None and not kwargs:
-            leaves = shortcut.leaves(args)
-            if leaves is not None:
-                out = self._repeat(shortcut, leaves)
-                if out is not _COLD:
-                    return out
+            out = shortcut.run(args)
+            if out is not MISS:
+                return out
         call = Call(self, args, kwargs)
         for _ in range(_REBUILDS):
             out = self._attempt(call, retry=True)
@@ -148,27 +141,12 @@ class StatefulTransform(abc.ABC):
 
     def _attempt(self, call: Call, retry: bool) -> Any:
         """Run ``call`` with a cached plan, or build one; ``_COLD`` if it went stale and ``retry``."""
-        with _RUN_LOCK:
+        with RUN_LOCK:
             out = self._warm(call)
         return self._cold(call, retry) if out is _COLD else out
 
-    def _repeat(self, shortcut: Shortcut, leaves: Sequence[Any]) -> Any:
-        """Run the call ``shortcut`` recognised; ``_COLD`` if the long way must decide."""
-        plan = shortcut.plan
-        with _RUN_LOCK:
-            trusted, TRUSTED.active = TRUSTED.active, shortcut.trusted
-            try:
-                values = plan.values(None)
-                if not (shortcut.trusted or plan.fits(values)):
-                    return _COLD
-                return dispatch(self.api, plan, leaves, values, trusted=shortcut.trusted)
-            except StalePlan:
-                return _COLD  # a state died, or the program was given other inputs than it was built for
-            finally:
-                TRUSTED.active = trusted
-
     def _warm(self, call: Call) -> Any:
-        """Run ``call`` with a cached plan (the caller holds ``_RUN_LOCK``); ``_COLD`` if none fits."""
+        """Run ``call`` with a cached plan (the caller holds ``RUN_LOCK``); ``_COLD`` if none fits."""
         for rank, plan in enumerate(self._plans.get(call.key)):
             try:
                 out = self._run(plan, call, None)
@@ -190,16 +168,16 @@ class StatefulTransform(abc.ABC):
         compiles while other calls run); a thread wanting the same plan waits for it.
         """
         with self._plans.building:
-            with _RUN_LOCK:
+            with RUN_LOCK:
                 out = self._warm(call)  # built by another thread while this one waited
             if out is not _COLD:
                 return out
             plan, made = self._build(call)
             if self.compile_ahead and plan.refusal is None:  # a refused plan never runs
                 self._compile(plan, call)
-            with _RUN_LOCK:
+            with RUN_LOCK:
                 self._plans.add(call.key, plan)
-        with _RUN_LOCK:
+        with RUN_LOCK:
             try:
                 return self._run(plan, call, made)
             except StalePlan:
@@ -227,11 +205,11 @@ class StatefulTransform(abc.ABC):
         """
         call = Call(self, args, kwargs)
         with self._plans.building:
-            with _RUN_LOCK:
+            with RUN_LOCK:
                 plan = next((p for p in self._plans.get(call.key) if self._fits(p)), None)
             if plan is None:
                 plan, _ = self._build(call)
-                with _RUN_LOCK:
+                with RUN_LOCK:
                     self._plans.add(call.key, plan)
         return Explanation(self.api, self.__name__, plan, self._explain_lines(plan), self.has_lanes)
 
