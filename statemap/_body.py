@@ -22,13 +22,10 @@ from ._jax_internals import LaneJaxpr, LaneTrace, eval_lane, trace_lane, under_s
 from ._planner import LaneOutputs, collect_outputs
 from ._state import State, current_watcher, describe, drop_watcher, pop_watcher, push_watcher
 from ._diagnose import baked_error, tracer_error
+from ._writeback import set_value
 from .errors import StateTypeError
 
 __all__ = ["Body", "check_same_structure", "check_same_types", "sliced", "strong", "trace_body", "write_back"]
-
-# The slot's setter, called from C: a write-back of several states is one C-level
-# loop, so an interrupt never lands between two writes.
-_set_value: Callable[[State, Any], None] = State.__dict__["_value"].__set__
 
 
 @attrs.frozen(eq=False)
@@ -139,7 +136,7 @@ def write_back(api: str, states: Sequence[State], values: Sequence[Any]) -> None
         return
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(list(values))):
         raise tracer_error(api, states)
-    any(map(_set_value, states, values))
+    any(map(set_value, states, values))
 
 
 def sliced(x: Any) -> Any:

@@ -108,15 +108,11 @@ def shield(inputs: list[Any], positions: Sequence[int], copy_all: bool) -> None:
     states) or inside an outer JAX transform (``jax.vmap`` may run the
     program eagerly, and the call then fails after it).
     """
-    if not positions:
-        return
     for pos in positions:
-        value = inputs[pos]
-        if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
-            continue
-        del value
         if copy_all or _count(inputs, pos) > _HELD:
-            inputs[pos] = _fresh(inputs[pos])
+            value = inputs[pos]
+            if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+                inputs[pos] = _fresh(value)
 
 
 def _fresh(value: jax.Array) -> jax.Array:

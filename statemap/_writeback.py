@@ -9,10 +9,10 @@ from typing import Any
 from ._plan import Plan
 from ._state import State, Watcher
 
-__all__ = ["commit", "detached"]
+__all__ = ["commit", "detached", "set_value"]
 
-# The slot's setter, called from C: see ``commit``.
-_set_value: Callable[[State, Any], None] = State.__dict__["_value"].__set__
+set_value: Callable[[State, Any], None] = State.__dict__["_value"].__set__
+"""The states' slot setter: ``any(map(set_value, states, values))`` writes them all in one C loop."""
 
 
 def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: Watcher | None) -> Any:
@@ -22,10 +22,6 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
     on later calls fresh copies of the plan's prototypes take their place.
     """
     pos = plan.num_user_leaves
-    if plan.simple_writes is not None and watcher is None:
-        # The common case, in one C loop: the outputs after the user's are the new values.
-        any(map(_set_value, [ref() for ref in plan.simple_writes], outs[pos:]))  # type: ignore[arg-type]
-        return _user_output(plan, outs, []) if plan.returns_states else plan.out_tree.unflatten(outs[:pos])
     states: list[Any] = [out.ref() for out in plan.outs]
     if plan.leaf_outs:
         values = list(outs[pos : pos + len(states)])
@@ -55,7 +51,7 @@ def commit(plan: Plan, outs: Sequence[Any], made: list[State] | None, watcher: W
         states, values = [], []
     # One loop in C: an interrupt (KeyboardInterrupt) lands before or after
     # it, never between two writes, so a call is never left half written.
-    any(map(_set_value, states + (made or []), values + created))
+    any(map(set_value, states + (made or []), values + created))
     return _user_output(plan, outs, made or [])
 
 
