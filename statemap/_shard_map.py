@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
@@ -24,6 +25,8 @@ from ._processes import WeakTypes, global_lanes, processes_line
 from ._transform import MISSING
 
 __all__ = ["ShardMapMapping", "shard_map"]
+
+_is_deleted = operator.methodcaller("is_deleted")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,20 +193,28 @@ class _Placed:
         self.copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
 
     def __call__(self, inputs: Sequence[Any]) -> list[Any]:
-        return [self.place(i, x) for i, x in enumerate(inputs)]
+        try:  # the warm case: arrays, most of them in place already
+            shardings = [x.sharding for x in inputs]
+            if any(map(_is_deleted, inputs)):
+                raise AttributeError
+        except AttributeError:  # numbers, NumPy arrays, tracers, a deleted array: look at each
+            return [self.place(i, x) for i, x in enumerate(inputs)]
+        placed = list(inputs)
+        for i in [i for i, (s, m) in enumerate(zip(shardings, self.matched)) if s is not m]:
+            placed[i] = self.place(i, inputs[i])
+        return placed
 
     def place(self, i: int, x: Any) -> Any:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return x
         refuse_deleted("statemap.shard_map", x)
-        current = x.sharding
-        if current is self.matched[i] or current == self.shardings[i]:
-            self.matched[i] = current
-            return x
-        sharding = self.shardings[i]
         kept = self.copies.get(i)
         if kept is not None and kept[0]() is x:
             return kept[1]
+        current, sharding = x.sharding, self.shardings[i]
+        if current is self.matched[i] or current == sharding:
+            self.matched[i] = current
+            return x
         copy = jax.device_put(x, sharding)
         self.copies[i] = (weakref.ref(x, functools.partial(self.forget, i)), copy)
         return copy

@@ -60,9 +60,14 @@ class Shortcut:
         return None
 
     def run(self, args: tuple) -> Any:
-        """The output of a call with positional ``args``, or ``MISS`` if the long way must decide."""
-        leaves = self._leaves(args)
-        if leaves is None:
+        """The output of a call with positional ``args``, or ``MISS`` if the long way must decide.
+
+        One function, few calls: on this path each Python step counts.
+        """
+        if len(args) != self.num_args or current_watcher() is not None or unkeyed_settings() != self.unkeyed:
+            return MISS
+        leaves = args if self.flat else self._flattened(args)
+        if leaves is None or not (self.trusted or self._same_signature(leaves)):
             return MISS
         plan, trusted = self.plan, self.trusted
         with RUN_LOCK:
@@ -77,21 +82,13 @@ class Shortcut:
             finally:
                 TRUSTED.active = previous
 
-    def _leaves(self, args: tuple) -> Sequence[Any] | None:
-        """The argument leaves of a call with positional ``args`` if it may run the plan, else None."""
-        if len(args) != self.num_args or current_watcher() is not None or unkeyed_settings() != self.unkeyed:
-            return None
-        if self.flat:
-            leaves: Sequence[Any] = args
-        else:
-            leaves, treedef = jax.tree.flatten(args)
-            if self.treedef != treedef:
-                return None
-        if self.trusted:
-            return leaves
+    def _flattened(self, args: tuple) -> Sequence[Any] | None:
+        leaves, treedef = jax.tree.flatten(args)
+        return leaves if self.treedef == treedef else None
+
+    def _same_signature(self, leaves: Sequence[Any]) -> bool:
+        """Whether ``leaves`` have the abstract values, and JAX the settings, of the shortcut's call."""
         try:
-            if tuple(map(fast_aval, leaves)) != self.avals:
-                return None
+            return tuple(map(fast_aval, leaves)) == self.avals and trace_settings() == self.settings
         except TypeError:  # a State, or another non-array argument
-            return None
-        return leaves if trace_settings() == self.settings else None
+            return False
