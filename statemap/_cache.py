@@ -37,6 +37,9 @@ class PlanCache:
         self._dead = False
         self.shortcut: Shortcut | None = None
         """How the last warm call can be repeated without a plan lookup."""
+        self.trusting = True
+        """Whether shortcuts may leave their signature check to the programs; cleared the first time
+        that failed, as calls whose signatures change keep failing (see ``Shortcut``)."""
 
     def __len__(self) -> int:
         if self._dead:

@@ -13,6 +13,7 @@ from ._plan import TRUSTED, Plan, StalePlan
 from ._state import current_watcher
 
 if TYPE_CHECKING:
+    from ._cache import PlanCache
     from ._call import Call
     from ._transform import StatefulTransform
 
@@ -33,17 +34,20 @@ class Shortcut:
     ``jax.jit`` runs only for the signatures it was traced for, and traces
     again for any other), the shortcut leaves the abstract values and the
     settings ``jax.jit`` keys on to the program, which then raises
-    ``StalePlan`` (see ``TRUSTED``) instead of tracing. Calls with static or
-    State arguments, and plans that warn, refuse or have effects, always
-    take the long way.
+    ``StalePlan`` (see ``TRUSTED``) instead of tracing. That failure costs
+    milliseconds (JAX's own retrace), so the first one makes the plan cache
+    stop trusting: calls whose signatures change keep changing. Calls with
+    static or State arguments, and plans that warn, refuse or have effects,
+    always take the long way.
     """
 
-    __slots__ = ("api", "plan", "trusted", "num_args", "flat", "treedef", "avals", "settings", "unkeyed")
+    __slots__ = ("api", "plans", "plan", "trusted", "num_args", "flat", "treedef", "avals", "settings", "unkeyed")
 
-    def __init__(self, transform: StatefulTransform, plan: Plan, call: Call):
+    def __init__(self, transform: StatefulTransform, plan: Plan, call: Call, plans: PlanCache):
         self.api = transform.api
+        self.plans = plans
         self.plan = plan
-        self.trusted = transform.programs_check_inputs
+        self.trusted = transform.programs_check_inputs and plans.trusting
         self.num_args = call.num_args
         self.flat = len(call.leaves) == call.num_args and all(a is x for a, x in zip(call.dynamic, call.leaves))
         self.treedef: Any = jax.tree.structure(call.dynamic)
@@ -52,11 +56,11 @@ class Shortcut:
         self.unkeyed = unkeyed_settings()
 
     @classmethod
-    def of(cls, transform: StatefulTransform, call: Call, plan: Plan) -> Shortcut | None:
-        """The shortcut to ``plan`` for calls like ``call``, or None if such calls must take the long way."""
+    def of(cls, transform: StatefulTransform, call: Call, plan: Plan, plans: PlanCache) -> Shortcut | None:
+        """The shortcut to ``plan`` (kept in ``plans``) for calls like ``call``, or None if they must take the long way."""
         simple = not (transform.static_argnums or transform.static_argnames or call.state_args or call.num_kwargs)
         if simple and not (plan.checks or plan.effects or plan.arg_refs):
-            return cls(transform, plan, call)
+            return cls(transform, plan, call, plans)
         return None
 
     def run(self, args: tuple) -> Any:
@@ -71,14 +75,19 @@ class Shortcut:
             return MISS
         plan, trusted = self.plan, self.trusted
         with RUN_LOCK:
-            previous, TRUSTED.active = TRUSTED.active, trusted
             try:
                 values = plan.values(None)
-                if not (trusted or plan.fits(values)):
-                    return MISS
+            except StalePlan:  # a state died
+                return MISS
+            if not (trusted or plan.fits(values)):
+                return MISS
+            previous, TRUSTED.active = TRUSTED.active, trusted
+            try:
                 return dispatch(self.api, plan, leaves, values, trusted=trusted)
-            except StalePlan:
-                return MISS  # a state died, or the program was given other inputs than it was built for
+            except StalePlan:  # the program was given other inputs than it was built for
+                if trusted:
+                    self.plans.trusting = self.trusted = False
+                return MISS
             finally:
                 TRUSTED.active = previous
 

@@ -157,7 +157,7 @@ class StatefulTransform(abc.ABC):
             if rank:
                 self._plans.promote(call.key, plan)
             if self._plans.shortcut is None or self._plans.shortcut.plan is not plan:
-                self._plans.shortcut = Shortcut.of(self, call, plan)
+                self._plans.shortcut = Shortcut.of(self, call, plan, self._plans)
             return out
         return _COLD
 

@@ -6,6 +6,7 @@ another plan, or that only the long way handles, and checks the result
 against a pure-JAX oracle and the number of times the function ran.
 """
 
+import logging
 import threading
 
 import jax
@@ -392,3 +393,24 @@ def test_a_split_state_with_another_number_of_lanes_and_the_same_arguments(kind,
     assert out.shape == (after,)
     assert_tree_allclose(out, (start + 1).sum(axis=1))
     assert_tree_allclose(h.value, start + 1)
+
+
+def test_signatures_that_keep_changing_retrace_the_program_once(caplog):
+    """Trusting a program to refuse other inputs costs one failed JAX retrace; then the shortcut checks."""
+    scale = statemap.State(jnp.float32(2.0))
+    fn = counted(lambda x: x * scale.value)
+    run = statemap.vmap(fn)
+    a, b = jnp.ones((4, 2)), jnp.ones((3, 2))
+    for _ in range(3):
+        run(a)
+    jax.config.update("jax_explain_cache_misses", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(10):
+                np.testing.assert_array_equal(run(a), a * 2)
+                np.testing.assert_array_equal(run(b), b * 2)
+    finally:
+        jax.config.update("jax_explain_cache_misses", False)
+    misses = [r for r in caplog.records if "TRACING CACHE MISS" in r.getMessage()]
+    assert len(misses) == 2  # the refused retrace, then the new plan's program
+    assert fn.runs == 2
