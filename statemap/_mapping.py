@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import operator
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from ._state import State
 from ._transform import MISSING, StatefulTransform
 
 
-__all__ = ["MISSING", "MapSpec", "StatefulMapping", "refuse_deleted"]
+__all__ = ["MISSING", "MapSpec", "StatefulMapping", "all_in_place", "refuse_deleted"]
 
 
 @attrs.frozen
@@ -232,6 +233,22 @@ class StatefulMapping(StatefulTransform):
         tree = jax.tree.unflatten(outputs.out_tree, [0] * len(outputs.out_slots))
         axes = leaf_axes(self.api, "out_axes", self.out_axes, tree, "outputs")
         return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
+
+
+def all_in_place(inputs: Sequence[Any], shardings: Sequence[Any]) -> bool:
+    """Whether every input is a live array whose sharding is (``is``) the one given for its position.
+
+    Few Python steps, for the warm calls of programs that lay out their inputs.
+    """
+    try:
+        if not all(map(operator.is_, [x.sharding for x in inputs], shardings)):
+            return False
+    except AttributeError:  # numbers, NumPy arrays, tracers
+        return False
+    return not any(map(_is_deleted, inputs))
+
+
+_is_deleted = operator.methodcaller("is_deleted")
 
 
 def refuse_deleted(api: str, x: jax.Array) -> None:

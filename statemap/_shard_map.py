@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import operator
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
@@ -17,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
-from ._mapping import MapSpec, StatefulMapping, refuse_deleted
+from ._mapping import MapSpec, StatefulMapping, all_in_place, refuse_deleted
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
@@ -25,8 +24,6 @@ from ._processes import WeakTypes, global_lanes, processes_line
 from ._transform import MISSING
 
 __all__ = ["ShardMapMapping", "shard_map"]
-
-_is_deleted = operator.methodcaller("is_deleted")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -192,17 +189,17 @@ class _Placed:
         self.matched: list[Any] = list(shardings)
         self.copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
 
-    def __call__(self, inputs: Sequence[Any]) -> list[Any]:
-        try:  # the warm case: arrays, most of them in place already
+    def __call__(self, inputs: Sequence[Any]) -> Sequence[Any]:
+        if all_in_place(inputs, self.matched):
+            return inputs
+        try:  # arrays, some of them in place
             shardings = [x.sharding for x in inputs]
-            if any(map(_is_deleted, inputs)):
-                raise AttributeError
-        except AttributeError:  # numbers, NumPy arrays, tracers, a deleted array: look at each
+        except AttributeError:  # numbers, NumPy arrays, tracers: look at each
             return [self.place(i, x) for i, x in enumerate(inputs)]
-        placed = list(inputs)
-        for i in [i for i, (s, m) in enumerate(zip(shardings, self.matched)) if s is not m]:
-            placed[i] = self.place(i, inputs[i])
-        return placed
+        return [
+            x if s is m and not x.is_deleted() else self.place(i, x)
+            for i, (x, s, m) in enumerate(zip(inputs, shardings, self.matched))
+        ]
 
     def place(self, i: int, x: Any) -> Any:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
