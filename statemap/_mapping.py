@@ -31,7 +31,7 @@ from ._state import State
 from ._transform import MISSING, StatefulTransform
 
 
-__all__ = ["MISSING", "MapSpec", "StatefulMapping", "all_in_place", "refuse_deleted"]
+__all__ = ["MISSING", "KeptCopies", "MapSpec", "StatefulMapping", "all_in_place", "refuse_deleted"]
 
 
 @attrs.frozen
@@ -249,6 +249,31 @@ def all_in_place(inputs: Sequence[Any], shardings: Sequence[Any]) -> bool:
 
 
 _is_deleted = operator.methodcaller("is_deleted")
+
+
+class KeptCopies:
+    """The copy a program's layout needed of each input, kept for as long as its source lives.
+
+    A state only read is never written back, and an argument is often the same
+    array call after call: its copy on the devices is reused, so a warm call
+    does not send it again. A copy the program consumed (donated) is made again.
+    One copy per input at most: a new source replaces the copy of the last.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+    def get(self, i: int, x: Any) -> Any:
+        """The live copy kept of ``x`` as input ``i``, or None."""
+        kept = self._copies.get(i)
+        if kept is None or kept[0]() is not x or kept[1].is_deleted():
+            return None
+        return kept[1]
+
+    def put(self, i: int, x: jax.Array, copy: Any) -> Any:
+        """Keep ``copy`` of ``x`` (an immutable ``jax.Array``) as input ``i``; return it."""
+        self._copies[i] = (weakref.ref(x), copy)
+        return copy
 
 
 def refuse_deleted(api: str, x: jax.Array) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ._axes import partition_spec
-from ._mapping import MISSING, MapSpec, StatefulMapping, all_in_place, refuse_deleted
+from ._mapping import MISSING, KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted
 from ._plan import Plan
 from ._policy import PolicyName
 from ._processes import WeakTypes, global_lanes, processes_line
@@ -198,13 +198,14 @@ def _placing(
     call, so a warm call compares identities only.
     """
     in_place: list[Any] = [None] * len(homes)
+    copies = KeptCopies()
 
     def run(*inputs: Any) -> Sequence[Any]:
         if all_in_place(inputs, in_place):
             return program(*inputs)
         if any(_misplaced(x, axis, size) for x, axis in zip(inputs, in_axes)):
             inputs = tuple(_placed(x, axis, size, device) for x, axis in zip(inputs, in_axes))
-        inputs = tuple(_at_home(x, home) for x, home in zip(inputs, homes))
+        inputs = tuple(_at_home(x, home, i, copies) for i, (x, home) in enumerate(zip(inputs, homes)))
         for i, x in enumerate(inputs):
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed:
                 in_place[i] = x.sharding
@@ -229,14 +230,17 @@ def _misplaced(x: Any, axis: int | None, size: int) -> bool:
     return len(sharding.device_set) != size or tuple(sharding.shard_shape(x.shape)) != one_slice
 
 
-def _at_home(x: Any, home: NamedSharding) -> Any:
-    """``x`` where ``jax.pmap`` leaves outputs like it; tracers and other placements pass as they are."""
+def _at_home(x: Any, home: NamedSharding, i: int, copies: KeptCopies) -> Any:
+    """Input ``i``, ``x``, where ``jax.pmap`` leaves outputs like it; tracers and other placements pass as they are."""
     if isinstance(x, jax.core.Tracer):
         return x
     if not isinstance(x, jax.Array):
-        return jax.device_put(x, home)
+        return jax.device_put(x, home)  # a NumPy array may change in place: sent every call
     refuse_deleted("statemap.pmap", x)
-    return x if x.committed else jax.device_put(x, home)
+    if x.committed:
+        return x
+    kept = copies.get(i, x)
+    return kept if kept is not None else copies.put(i, x, jax.device_put(x, home))
 
 
 def _placed(x: Any, axis: int | None, size: int, device: jax.Device) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -16,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
-from ._mapping import MapSpec, StatefulMapping, all_in_place, refuse_deleted
+from ._mapping import KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
@@ -187,7 +185,7 @@ class _Placed:
         # a program's outputs carry the same objects call after call, and ``is``
         # costs far less than comparing meshes.
         self.matched: list[Any] = list(shardings)
-        self.copies: dict[int, tuple[weakref.ref[Any], Any]] = {}
+        self.copies = KeptCopies()
 
     def __call__(self, inputs: Sequence[Any]) -> Sequence[Any]:
         if all_in_place(inputs, self.matched):
@@ -205,20 +203,14 @@ class _Placed:
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return x
         refuse_deleted("statemap.shard_map", x)
-        kept = self.copies.get(i)
-        if kept is not None and kept[0]() is x:
-            return kept[1]
+        kept = self.copies.get(i, x)
+        if kept is not None:
+            return kept
         current, sharding = x.sharding, self.shardings[i]
         if current is self.matched[i] or current == sharding:
             self.matched[i] = current
             return x
-        copy = jax.device_put(x, sharding)
-        self.copies[i] = (weakref.ref(x, functools.partial(self.forget, i)), copy)
-        return copy
-
-    def forget(self, i: int, source: weakref.ref[Any]) -> None:
-        """Drop the copy of input ``i`` once its source is gone."""
-        self.copies.pop(i, None)
+        return self.copies.put(i, x, jax.device_put(x, sharding))
 
 
 def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable) -> Mesh:

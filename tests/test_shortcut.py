@@ -414,3 +414,14 @@ def test_signatures_that_keep_changing_retrace_the_program_once(caplog):
     misses = [r for r in caplog.records if "TRACING CACHE MISS" in r.getMessage()]
     assert len(misses) == 2  # the refused retrace, then the new plan's program
     assert fn.runs == 2
+
+
+@pytest.mark.parametrize("kind", ["vmap", "pmap", "shard_map", "custom"])
+def test_a_numpy_argument_changed_in_place_between_calls(kind):
+    """NumPy arrays are mutable: a copy on the devices must never stand in for a later call's contents."""
+    offset = statemap.State(jnp.float32(1.0))
+    run = MAPPINGS[kind](lambda x: x + offset.value)
+    buffer = np.zeros(N, np.float32)
+    for step in range(4):
+        buffer[:] = step
+        np.testing.assert_array_equal(run(buffer), np.full(N, step + 1.0))
