@@ -101,3 +101,29 @@ def compiles() -> Iterator[list[str]]:
         yield names
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+class SequentialMapping(statemap.StatefulMapping):
+    """A mapping written only through the hooks: lanes one after another with ``jax.lax.map``.
+
+    No collectives (``lax.map`` has no axis name). Its programs do not say that they
+    refuse other input shapes (``programs_check_inputs``), so the engine checks.
+    """
+
+    api = "SequentialMapping"
+
+    def _map(self, spec):
+        def run(*inputs):
+            def one(i):
+                picked = [x if a is None else jnp.take(x, i, axis=a) for x, a in zip(inputs, spec.in_axes)]
+                return spec.lane_fn(i, *picked)
+
+            outs = jax.lax.map(one, jnp.arange(spec.axis_size))
+            return [o[0] if a is None else jnp.moveaxis(o, 0, a) for o, a in zip(outs, spec.out_axes)]
+
+        return jax.jit(run)
+
+    def _resolve_axis_size(self, size):
+        if size is None:
+            raise ValueError(f"{self.api}: nothing gives the axis size; pass `axis_size=n`.")
+        return size

@@ -6,29 +6,7 @@ import numpy as np
 import pytest
 
 import statemap
-from helpers import assert_tree_allclose
-
-
-class SequentialMapping(statemap.StatefulMapping):
-    """Lanes one after another with ``jax.lax.map`` (no collectives: lax.map has no axis name)."""
-
-    api = "SequentialMapping"
-
-    def _map(self, spec):
-        def run(*inputs):
-            def one(i):
-                picked = [x if a is None else jnp.take(x, i, axis=a) for x, a in zip(inputs, spec.in_axes)]
-                return spec.lane_fn(i, *picked)
-
-            outs = jax.lax.map(one, jnp.arange(spec.axis_size))
-            return [o[0] if a is None else jnp.moveaxis(o, 0, a) for o, a in zip(outs, spec.out_axes)]
-
-        return jax.jit(run)
-
-    def _resolve_axis_size(self, size):
-        if size is None:
-            raise ValueError(f"{self.api}: nothing gives the axis size; pass `axis_size=n`.")
-        return size
+from helpers import SequentialMapping, assert_tree_allclose
 
 
 def _model():

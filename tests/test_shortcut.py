@@ -13,32 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_allclose, assert_unchanged, counted, snapshot
+from helpers import SequentialMapping, assert_tree_allclose, assert_unchanged, counted, snapshot
 from jax.sharding import Mesh
 
 import statemap
 
 N = 4  # lanes, one per device for pmap and shard_map
-
-
-class SequentialMapping(statemap.StatefulMapping):
-    """A custom mapping whose program does not say it checks its inputs: the shortcut checks them."""
-
-    api = "SequentialMapping"
-
-    def _map(self, spec):
-        def run(*inputs):
-            def one(i):
-                picked = [x if a is None else jnp.take(x, i, axis=a) for x, a in zip(inputs, spec.in_axes)]
-                return spec.lane_fn(i, *picked)
-
-            outs = jax.lax.map(one, jnp.arange(spec.axis_size))
-            return [o[0] if a is None else jnp.moveaxis(o, 0, a) for o, a in zip(outs, spec.out_axes)]
-
-        return jax.jit(run)
-
-    def _resolve_axis_size(self, size):
-        return size
 
 
 def _shard_map(fn):
