@@ -69,11 +69,6 @@ def _traced(values: Sequence[Any]) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
-def _count(inputs: list[Any], pos: int) -> int:
-    value = inputs[pos]
-    return sys.getrefcount(value)
-
-
 class _Slot:
     __slots__ = ("_value",)
     _value: Any
@@ -82,15 +77,15 @@ class _Slot:
 def _baseline() -> int:
     """References to a state's value that statemap itself holds when ``shield`` looks.
 
-    The state's slot, the run's ``values`` and ``inputs`` lists, ``_count``'s
-    local and ``getrefcount``'s argument: measured here, through the same code
-    ``shield`` runs, so it holds on any CPython version.
+    The state's slot, the run's ``values`` and ``inputs`` lists, and
+    ``getrefcount``'s argument: measured here, with the expression ``shield``
+    uses, so it holds on any CPython version.
     """
     value, slot = object(), _Slot()
     slot._value = value
     values, inputs = [value], [value]
     del value
-    count = _count(inputs, 0)
+    count = sys.getrefcount(inputs[0])
     del slot, values
     return count
 
@@ -109,7 +104,7 @@ def shield(inputs: list[Any], positions: Sequence[int], copy_all: bool) -> None:
     program eagerly, and the call then fails after it).
     """
     for pos in positions:
-        if copy_all or _count(inputs, pos) > _HELD:
+        if copy_all or sys.getrefcount(inputs[pos]) > _HELD:
             value = inputs[pos]
             if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
                 inputs[pos] = _fresh(value)
