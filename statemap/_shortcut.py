@@ -81,8 +81,9 @@ class Shortcut:
                 return MISS
             if not (trusted or plan.fits(values)):
                 return MISS
-            previous, TRUSTED.active = TRUSTED.active, trusted
+            previous = TRUSTED.active
             try:
+                TRUSTED.active = trusted
                 return dispatch(self.api, plan, leaves, values, trusted=trusted)
             except StalePlan:  # the program was given other inputs than it was built for
                 if trusted:

@@ -19,7 +19,7 @@ from ._dispatch import RUN_LOCK, dispatch
 from ._explain import Explanation
 from ._identity import IdentityDict
 from ._jax_internals import LaneJaxpr, LaneTrace, at_eval_trace, trace_lane, under_staging_trace
-from ._plan import Plan, StalePlan, shapes_of
+from ._plan import TRUSTED, Plan, StalePlan, shapes_of
 from ._planner import Decisions, LaneOutputs, collect_outputs
 from ._shortcut import MISS, Shortcut
 from ._state import State, current_watcher, drop_watcher, pop_watcher, push_watcher, read_through
@@ -167,6 +167,7 @@ class StatefulTransform(abc.ABC):
         Tracing and compiling hold only this plan cache's build lock (as ``jax.jit``
         compiles while other calls run); a thread wanting the same plan waits for it.
         """
+        TRUSTED.active = False  # in case an interrupt left it set: a cold call never repeats one
         with self._plans.building:
             with RUN_LOCK:
                 out = self._warm(call)  # built by another thread while this one waited
