@@ -7,7 +7,9 @@ running (a state first read deep inside the function, even inside a nested
 ``jax.jit``, must become an input of the lane program), tracing collectives
 with an axis name bound outside any map, making JAX's trace caches miss once
 a state read inside a nested trace is written, and telling which outputs of
-a vmap carry its axis in one trace.
+a vmap carry its axis in one trace. A warm call also reads, faster than
+public JAX lets it, whether any transform runs and the settings a trace
+depends on, and relies on which of them ``jax.jit``'s cache keys on.
 """
 
 from __future__ import annotations

@@ -87,3 +87,53 @@ def test_under_staging_trace():
     jax.jit(lambda x: seen.append(internals.under_staging_trace()) or x)(1.0)
     jax.vmap(lambda x: seen.append(internals.under_staging_trace()) or x)(jnp.ones(2))
     assert seen == [True, False]
+
+
+SETTING_VALUES = {
+    "jax_enable_x64": True,
+    "jax_numpy_rank_promotion": "raise",
+    "jax_numpy_dtype_promotion": "strict",
+    "jax_default_matmul_precision": "highest",
+    "jax_default_prng_impl": "rbg",
+    "jax_threefry_partitionable": False,
+    "jax_softmax_custom_jvp": True,
+}
+
+
+def test_trace_settings_follow_every_setting_and_jit_keys_on_all_but_the_unkeyed_one():
+    """The shortcut trusts ``jax.jit`` to retrace when any of these changes, except the PRNG implementation."""
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(1)
+        return x + 1
+
+    x = jnp.ones(2)
+    f(x)
+    for name, value in SETTING_VALUES.items():
+        before_settings, before_unkeyed, before = internals.trace_settings(), internals.unkeyed_settings(), len(traces)
+        old = getattr(jax.config, name)
+        jax.config.update(name, value)
+        try:
+            assert internals.trace_settings() != before_settings, name
+            f(x)
+            keyed = len(traces) > before
+            assert keyed == (internals.unkeyed_settings() == before_unkeyed), name
+        finally:
+            jax.config.update(name, old)
+        f(x)
+
+
+def test_unkeyed_settings_are_none_inside_a_transform():
+    assert internals.at_eval_trace() and internals.unkeyed_settings() is not None
+    seen = []
+
+    def f(x):
+        seen.append((internals.at_eval_trace(), internals.unkeyed_settings()))
+        return x
+
+    jax.jit(f)(1.0)
+    jax.vmap(f)(jnp.ones(2))
+    jax.grad(f)(1.0)
+    assert seen == [(False, None)] * 3
