@@ -31,7 +31,7 @@ from ._state import State
 from ._transform import MISSING, StatefulTransform
 
 
-__all__ = ["MISSING", "KeptCopies", "MapSpec", "StatefulMapping", "all_in_place", "refuse_deleted"]
+__all__ = ["MISSING", "KeptCopies", "MapSpec", "StatefulMapping", "all_in_place", "is_deleted", "refuse_deleted"]
 
 
 @attrs.frozen
@@ -245,10 +245,11 @@ def all_in_place(inputs: Sequence[Any], shardings: Sequence[Any]) -> bool:
             return False
     except AttributeError:  # numbers, NumPy arrays, tracers
         return False
-    return not any(map(_is_deleted, inputs))
+    return not any(map(is_deleted, inputs))
 
 
-_is_deleted = operator.methodcaller("is_deleted")
+is_deleted = operator.methodcaller("is_deleted")
+"""``is_deleted(x)`` calls ``x.is_deleted()``: mapped over arrays, one C loop."""
 
 
 class KeptCopies:

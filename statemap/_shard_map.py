@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -14,7 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
-from ._mapping import KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted
+from ._mapping import KeptCopies, MapSpec, StatefulMapping, is_deleted, refuse_deleted
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
@@ -188,24 +189,24 @@ class _Placed:
         self.copies = KeptCopies()
 
     def __call__(self, inputs: Sequence[Any]) -> Sequence[Any]:
-        if all_in_place(inputs, self.matched):
-            return inputs
-        try:  # arrays, some of them in place
+        try:  # arrays, most of them in place
             shardings = [x.sharding for x in inputs]
         except AttributeError:  # numbers, NumPy arrays, tracers: look at each
             return [self.place(i, x) for i, x in enumerate(inputs)]
+        if all(map(operator.is_, shardings, self.matched)) and not any(map(is_deleted, inputs)):
+            return inputs
         return [
             x if s is m and not x.is_deleted() else self.place(i, x)
             for i, (x, s, m) in enumerate(zip(inputs, shardings, self.matched))
         ]
 
     def place(self, i: int, x: Any) -> Any:
+        kept = self.copies.get(i, x)  # first: a read-only state's copy is looked up every call
+        if kept is not None and not x.is_deleted():
+            return kept
         if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
             return x
         refuse_deleted("statemap.shard_map", x)
-        kept = self.copies.get(i, x)
-        if kept is not None:
-            return kept
         current, sharding = x.sharding, self.shardings[i]
         if current is self.matched[i] or current == sharding:
             self.matched[i] = current
