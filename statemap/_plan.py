@@ -15,7 +15,7 @@ from ._catalogue import StateIn
 from ._jax_internals import vmap_batched
 from ._state import State, Watcher
 
-__all__ = ["TRUSTED", "Exit", "Plan", "StateOut", "StalePlan", "batched_outputs", "shapes_of"]
+__all__ = ["Exit", "Plan", "StalePlan", "StateOut", "TRUSTED", "batched_outputs", "shapes_of"]
 
 
 def shapes_of(value: Any) -> tuple[tuple[tuple[int, ...], Any, bool], ...]:
