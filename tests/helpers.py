@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -127,3 +128,33 @@ class SequentialMapping(statemap.StatefulMapping):
         if size is None:
             raise ValueError(f"{self.api}: nothing gives the axis size; pass `axis_size=n`.")
         return size
+
+
+TIMEOUT = 60  # seconds for a whole group of threads
+
+
+def run_threads(target: Callable[[int], Any], n: int, stuck: str = "a thread did not finish") -> None:
+    """Run ``target(i)`` in ``n`` threads started together; re-raise the first failure."""
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            start.wait(timeout=TIMEOUT)
+            target(i)
+        except BaseException as err:  # noqa: BLE001 (reported in the main thread)
+            errors.append(err)
+
+    threads = [threading.Thread(target=body, args=(i,), name=f"statemap-test-{i}") for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), stuck
+    if errors:
+        raise errors[0]
+
+
+def run_each(*targets: Callable[[], Any], stuck: str = "a thread did not finish") -> None:
+    """Run each of ``targets`` in a thread of its own, as ``run_threads`` does."""
+    run_threads(lambda i: targets[i](), len(targets), stuck)

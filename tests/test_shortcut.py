@@ -7,13 +7,12 @@ against a pure-JAX oracle and the number of times the function ran.
 """
 
 import logging
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SequentialMapping, assert_tree_allclose, assert_unchanged, counted, snapshot
+from helpers import SequentialMapping, assert_tree_allclose, assert_unchanged, counted, run_threads, snapshot
 from jax.sharding import Mesh
 
 import statemap
@@ -305,22 +304,13 @@ def test_threads_with_other_batch_sizes_share_a_mapping():
     fn = counted(lambda x: x * scale.value)
     run = statemap.vmap(fn)
     sizes = [2, 3, 5, 7]
-    errors = []
 
-    def work(n):
-        x = jnp.arange(n, dtype=jnp.float32)
-        try:
-            for _ in range(40):
-                np.testing.assert_array_equal(run(x), x * 3)
-        except Exception as err:  # noqa: BLE001 (reported below)
-            errors.append(err)
+    def work(i):
+        x = jnp.arange(sizes[i], dtype=jnp.float32)
+        for _ in range(40):
+            np.testing.assert_array_equal(run(x), x * 3)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in sizes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(work, len(sizes))
     assert fn.runs == len(sizes)
 
 

@@ -17,35 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_concrete, assert_tree_allclose, counted
+from helpers import TIMEOUT, assert_concrete, assert_tree_allclose, counted, run_each, run_threads
 
 import statemap
 
 B = 4
 AX = "lanes"
-TIMEOUT = 60  # seconds for a whole group of threads
-
-
-def run_threads(target, n):
-    """Run ``target(i)`` in ``n`` threads started together; re-raise the first failure."""
-    start = threading.Barrier(n)
-    errors = []
-
-    def body(i):
-        try:
-            start.wait(timeout=TIMEOUT)
-            target(i)
-        except BaseException as err:  # noqa: BLE001 (reported in the main thread)
-            errors.append(err)
-
-    threads = [threading.Thread(target=body, args=(i,), name=f"statemap-test-{i}") for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=TIMEOUT)
-    assert not any(thread.is_alive() for thread in threads), "a thread did not finish"
-    if errors:
-        raise errors[0]
 
 
 class Model:
@@ -275,11 +252,7 @@ def test_a_state_trace_does_not_see_other_threads():
         found["own"] = own.states
         touched.set()
 
-    threads = [threading.Thread(target=tracer), threading.Thread(target=other)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
+    run_each(tracer, other)
     assert found["states"] == (mine,)
     assert found["written"] == ()
     assert found["own"] == (theirs,)
@@ -358,13 +331,10 @@ def test_a_cold_call_does_not_stall_warm_calls_of_other_mappings():
         results["warm"] = [float(warm_step(jnp.ones(B))) for _ in range(warm_calls)]
         release.set()
 
-    threads = [threading.Thread(target=cold_thread), threading.Thread(target=warm_thread)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-    release.set()
-    assert not any(thread.is_alive() for thread in threads), "a warm call waited for the cold trace"
+    try:
+        run_each(cold_thread, warm_thread, stuck="a warm call waited for the cold trace")
+    finally:
+        release.set()
     assert results["warm"] == [float(B * k) for k in range(1, warm_calls + 1)]
     assert_tree_allclose(results["cold"], jnp.full((B, 2), 2.0))
     assert_tree_allclose(h.value, jnp.ones((B, 2)))
@@ -399,14 +369,10 @@ def test_writes_during_a_cold_call_of_the_same_state_are_not_lost():
         seen["warm"] = [float(warm_step(jnp.ones(B))) for _ in range(warm_calls)]
         release.set()
 
-    threads = [threading.Thread(target=cold_thread, args=(i,)) for i in range(2)]
-    threads.append(threading.Thread(target=warm_thread))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-    release.set()
-    assert not any(thread.is_alive() for thread in threads)
+    try:
+        run_each(lambda: cold_thread(0), lambda: cold_thread(1), warm_thread)
+    finally:
+        release.set()
     assert seen["warm"] == [float(B * k) for k in range(1, warm_calls + 1)]
     assert float(total.value) == B * warm_calls + 2 * B * 100.0
     assert sorted([seen["cold"], seen["second"]]) == [B * warm_calls + B * 100.0, B * warm_calls + 2 * B * 100.0]
