@@ -31,7 +31,15 @@ from ._state import State
 from ._transform import MISSING, StatefulTransform
 
 
-__all__ = ["MISSING", "KeptCopies", "MapSpec", "StatefulMapping", "all_in_place", "is_deleted", "refuse_deleted"]
+__all__ = [
+    "MISSING",
+    "KeptCopies",
+    "MapSpec",
+    "StatefulMapping",
+    "all_in_place",
+    "refuse_deleted",
+    "shardings_of",
+]
 
 
 @attrs.frozen
@@ -235,21 +243,23 @@ class StatefulMapping(StatefulTransform):
         return [axis for axis, slot in zip(axes, outputs.out_slots) if slot is None]
 
 
-def all_in_place(inputs: Sequence[Any], shardings: Sequence[Any]) -> bool:
-    """Whether every input is a live array whose sharding is (``is``) the one given for its position.
+def shardings_of(inputs: Sequence[Any]) -> list[Any] | None:
+    """Each input's sharding, or None if one is not a concrete array (a number, a NumPy array, a tracer)."""
+    try:
+        return [x.sharding for x in inputs]
+    except AttributeError:
+        return None
+
+
+def all_in_place(inputs: Sequence[Any], shardings: Sequence[Any], matched: Sequence[Any]) -> bool:
+    """Whether every input is live and its sharding (from ``shardings_of``) is (``is``) the one ``matched`` holds.
 
     Few Python steps, for the warm calls of programs that lay out their inputs.
     """
-    try:
-        if not all(map(operator.is_, [x.sharding for x in inputs], shardings)):
-            return False
-    except AttributeError:  # numbers, NumPy arrays, tracers
-        return False
-    return not any(map(is_deleted, inputs))
+    return all(map(operator.is_, shardings, matched)) and not any(map(_is_deleted, inputs))
 
 
-is_deleted = operator.methodcaller("is_deleted")
-"""``is_deleted(x)`` calls ``x.is_deleted()``: mapped over arrays, one C loop."""
+_is_deleted = operator.methodcaller("is_deleted")
 
 
 class KeptCopies:

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ._axes import partition_spec
-from ._mapping import MISSING, KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted
+from ._mapping import MISSING, KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted, shardings_of
 from ._plan import Plan
 from ._policy import PolicyName
 from ._processes import WeakTypes, global_lanes, processes_line
@@ -201,7 +201,8 @@ def _placing(
     copies = KeptCopies()
 
     def run(*inputs: Any) -> Sequence[Any]:
-        if all_in_place(inputs, in_place):
+        shardings = shardings_of(inputs)
+        if shardings is not None and all_in_place(inputs, shardings, in_place):
             return program(*inputs)
         if any(_misplaced(x, axis, size) for x, axis in zip(inputs, in_axes)):
             inputs = tuple(_placed(x, axis, size, device) for x, axis in zip(inputs, in_axes))

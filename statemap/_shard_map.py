@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -15,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from ._axes import partition_spec
 from ._call import Call
 from ._catalogue import LaneRecorder, SizeSources
-from ._mapping import KeptCopies, MapSpec, StatefulMapping, is_deleted, refuse_deleted
+from ._mapping import KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted, shardings_of
 from ._plan import Plan
 from ._planner import LaneOutputs
 from ._policy import PolicyName
@@ -189,11 +188,10 @@ class _Placed:
         self.copies = KeptCopies()
 
     def __call__(self, inputs: Sequence[Any]) -> Sequence[Any]:
-        try:  # arrays, most of them in place
-            shardings = [x.sharding for x in inputs]
-        except AttributeError:  # numbers, NumPy arrays, tracers: look at each
+        shardings = shardings_of(inputs)
+        if shardings is None:  # numbers, NumPy arrays, tracers: look at each
             return [self.place(i, x) for i, x in enumerate(inputs)]
-        if all(map(operator.is_, shardings, self.matched)) and not any(map(is_deleted, inputs)):
+        if all_in_place(inputs, shardings, self.matched):
             return inputs
         return [
             x if s is m and not x.is_deleted() else self.place(i, x)
