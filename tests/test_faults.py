@@ -264,7 +264,9 @@ def in_a_thread_of_its_own(fn):
     """Run ``fn()`` in a new thread and re-raise what it raised.
 
     State watchers are per thread: if an interrupt leaves one behind, only
-    that thread is spoiled, not the test session's main thread.
+    that thread is spoiled, not the test session's main thread. The garbage
+    collector is off meanwhile: collecting earlier tests' states would run
+    their weakref callbacks (statemap lines) inside the lines a sweep counts.
     """
     errors = []
 
@@ -274,9 +276,14 @@ def in_a_thread_of_its_own(fn):
         except BaseException as err:  # noqa: BLE001 (re-raised below)
             errors.append(err)
 
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(timeout=120)
+    gc.collect()
+    gc.disable()
+    try:
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join(timeout=120)
+    finally:
+        gc.enable()
     assert not thread.is_alive()
     if errors:
         raise errors[0]
