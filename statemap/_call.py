@@ -46,13 +46,13 @@ class Call:
         self.all_leaves, self.treedef = jax.tree_util.tree_flatten((self.dynamic, kwargs))
         self.leaves = self.all_leaves
         try:
-            avals = tuple(map(fast_aval, self.leaves))
+            self.avals = tuple(map(fast_aval, self.leaves))
         except TypeError:
-            avals = self._without_states()
+            self.avals = self._without_states()
         identities = tuple((i, id(state)) for i, state in self.state_args) if self.state_args else ()
         statics = _static_key(self.statics + self.static_kwargs) if self.statics or self.static_kwargs else ()
         self.settings = trace_settings()
-        self.key: Hashable = (self.treedef, statics, avals, identities, self.settings)
+        self.key: Hashable = (self.treedef, statics, self.avals, identities, self.settings)
 
     @cached_property
     def positions(self) -> list[int]:

@@ -51,7 +51,7 @@ class Shortcut:
         self.num_args = call.num_args
         self.flat = len(call.leaves) == call.num_args and all(a is x for a, x in zip(call.dynamic, call.leaves))
         self.treedef: Any = jax.tree.structure(call.dynamic)
-        self.avals = tuple(map(fast_aval, call.leaves))
+        self.avals = call.avals
         self.settings = call.settings
         self.unkeyed = unkeyed_settings()
 
