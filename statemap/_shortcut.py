@@ -37,8 +37,8 @@ class Shortcut:
     ``StalePlan`` (see ``TRUSTED``) instead of tracing. That failure costs
     milliseconds (JAX's own retrace), so the first one makes the plan cache
     stop trusting: calls whose signatures change keep changing. Calls with
-    static or State arguments, and plans that warn, refuse, have effects or
-    return States they did not touch, always take the long way.
+    static or State arguments, and plans that warn, refuse or have effects,
+    always take the long way.
     """
 
     __slots__ = ("api", "plans", "plan", "trusted", "num_args", "flat", "treedef", "avals", "settings", "unkeyed")
@@ -59,7 +59,7 @@ class Shortcut:
     def of(cls, transform: StatefulTransform, call: Call, plan: Plan, plans: PlanCache) -> Shortcut | None:
         """The shortcut to ``plan`` (kept in ``plans``) for calls like ``call``, or None if they must take the long way."""
         simple = not (transform.static_argnums or transform.static_argnames or call.state_args or call.num_kwargs)
-        if simple and not (plan.checks or plan.effects or plan.arg_refs or plan.returned):
+        if simple and not (plan.checks or plan.effects or plan.arg_refs):
             return cls(transform, plan, call, plans)
         return None
 
@@ -76,8 +76,8 @@ class Shortcut:
         plan, trusted = self.plan, self.trusted
         with RUN_LOCK:
             try:
-                values = [ref()._value for ref in plan.refs]  # type: ignore[union-attr]
-            except AttributeError:  # a state died
+                values = plan.values(None)
+            except StalePlan:  # a state died
                 return MISS
             if not (trusted or plan.fits(values)):
                 return MISS
