@@ -12,7 +12,7 @@ import jax
 from ._axes import axis_in_range, lane_aval, leaf_axes
 from ._catalogue import SizeSources
 from ._identity import IdentityDict
-from ._jax_internals import fast_aval, trace_settings
+from ._jax_internals import at_eval_trace, fast_aval, trace_settings
 from ._state import State, describe
 from .errors import BatchAxisError
 
@@ -52,7 +52,10 @@ class Call:
         identities = tuple((i, id(state)) for i, state in self.state_args) if self.state_args else ()
         statics = _static_key(self.statics + self.static_kwargs) if self.statics or self.static_kwargs else ()
         self.settings = trace_settings()
-        self.key: Hashable = (self.treedef, statics, self.avals, identities, self.settings)
+        # Outside every JAX transform a plan donates its written states' old buffers;
+        # inside one (jax.grad, say), those buffers are still the transform's inputs.
+        self.outside = at_eval_trace()
+        self.key: Hashable = (self.treedef, statics, self.avals, identities, self.settings, self.outside)
 
     @cached_property
     def positions(self) -> list[int]:

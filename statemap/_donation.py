@@ -39,10 +39,12 @@ def donatable(
     always use the buffer; keys (extended dtypes) are small and left alone.
     Nothing is donated by a program with effects (a host callback can fail
     after dispatch, and a failed call must keep the old values), nor by one
-    planned inside an outer trace, where a batched output would leave the
-    donation unusable and JAX warn about it.
+    planned inside a JAX transform (plans are keyed by that, see ``Call``):
+    there the old buffers may be the transform's own inputs (``jax.grad``
+    keeps its primal values), and a batched output would leave the donation
+    unusable and JAX warn about it.
     """
-    if lane.has_effects or _traced([*call.leaves, *recorder.before.values()]):
+    if lane.has_effects or not call.outside:
         return ()
     position, pos = {}, len(call.leaves)
     for state in recorder.inputs:
@@ -63,10 +65,6 @@ def donatable(
                 donated.append(found[0])
         pos += out.num_leaves
     return tuple(sorted(donated))
-
-
-def _traced(values: Sequence[Any]) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
 class _Slot:

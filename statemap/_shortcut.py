@@ -59,7 +59,7 @@ class Shortcut:
     def of(cls, transform: StatefulTransform, call: Call, plan: Plan, plans: PlanCache) -> Shortcut | None:
         """The shortcut to ``plan`` (kept in ``plans``) for calls like ``call``, or None if they must take the long way."""
         simple = not (transform.static_argnums or transform.static_argnames or call.state_args or call.num_kwargs)
-        if simple and not (plan.checks or plan.effects or plan.arg_refs):
+        if simple and call.outside and current_watcher() is None and not (plan.checks or plan.effects or plan.arg_refs):
             return cls(transform, plan, call, plans)
         return None
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import SequentialMapping, assert_tree_allclose, assert_unchanged, counted, run_threads, snapshot
+from helpers import SequentialMapping, assert_concrete, assert_tree_allclose, assert_unchanged, counted, run_threads, snapshot
 from jax.sharding import Mesh
 
 import statemap
@@ -398,3 +398,84 @@ def test_a_numpy_argument_changed_in_place_between_calls(kind):
     for step in range(4):
         buffer[:] = step
         np.testing.assert_array_equal(run(buffer), np.full(N, step + 1.0))
+
+
+def test_a_mapping_with_its_shortcut_in_place_inside_jit_a_loop_and_grad():
+    """The same mapping, warm at top level, then inside statemap.jit, a compiled loop and grad, then warm again."""
+    w = statemap.ParamState(jnp.array([0.5, -1.0]), name="w")
+    h = statemap.HiddenState(jnp.zeros((N, 2)), name="h")
+
+    def cell(x):
+        h.value = jnp.tanh(h.value * w.value + x)
+        return (h.value * w.value).sum()
+
+    def oracle(h, x, w):
+        new = jnp.tanh(h * w + x)
+        return (new * w).sum(axis=-1), new
+
+    fn = counted(cell)
+    step = statemap.vmap(fn, state_in_axes=statemap.HiddenState)
+    x = jnp.linspace(-1.0, 1.0, N * 2).reshape(N, 2)
+    want_h = h.value
+
+    def check_top_level():
+        nonlocal want_h
+        out, want_h = oracle(want_h, x, w.value)
+        assert_tree_allclose(step(x), out)
+        assert_tree_allclose(h.value, want_h)
+
+    for _ in range(3):
+        check_top_level()
+    jitted = statemap.jit(lambda x: step(x).sum())
+    for _ in range(2):
+        out, want_h = oracle(want_h, x, w.value)
+        assert_tree_allclose(jitted(x), out.sum())
+        assert_tree_allclose(h.value, want_h)
+    xs = jnp.stack([x, -x, 2 * x])
+    outs = statemap.jit(lambda xs: statemap.for_loop(step, xs))(xs)
+    for t in range(3):
+        out, want_h = oracle(want_h, xs[t], w.value)
+        assert_tree_allclose(outs[t], out)
+    assert_tree_allclose(h.value, want_h)
+    grads = statemap.grad(lambda x: step(x).sum(), w)(x)
+    assert_tree_allclose(grads, jax.grad(lambda w: oracle(want_h, x, w)[0].sum())(w.value))
+    _, want_h = oracle(want_h, x, w.value)
+    assert_tree_allclose(h.value, want_h)  # the forward pass wrote the hidden state
+    for _ in range(2):
+        check_top_level()
+    assert_concrete([h, w])
+
+
+def test_warm_calls_inside_jax_vmap_leave_no_shortcut_into_jax_jit():
+    """A shortcut made inside a raw JAX transform would skip the check for states baked into jax.jit."""
+    s = statemap.State(jnp.float32(1.0))
+    run = statemap.vmap(lambda x: x * s.value)
+    x = jnp.ones((2, 3))
+    for _ in range(3):
+        np.testing.assert_array_equal(jax.vmap(run)(x), x)
+    with pytest.raises(statemap.errors.StatemapError, match="baked into that program"):
+        jax.jit(run)(x[0])
+
+
+@pytest.mark.parametrize("warm_first", [False, True], ids=["cold", "after warm calls"])
+def test_grad_through_a_mapping_whose_plan_donates_outside(warm_first):
+    """Outside any transform a plan donates the old hidden state; under grad that buffer is grad's own."""
+    w = statemap.ParamState(jnp.array([0.5, -1.0]), name="w")
+    h = statemap.HiddenState(jnp.zeros((N, 2)), name="h")
+
+    def cell(x):
+        h.value = jnp.tanh(h.value * w.value + x)
+        return (h.value * w.value).sum()
+
+    step = statemap.vmap(cell, state_in_axes=statemap.HiddenState)
+    x = jnp.linspace(-1.0, 1.0, N * 2).reshape(N, 2)
+    if warm_first:
+        for _ in range(3):
+            step(x)
+    before = h.value
+    grads = statemap.grad(lambda x: step(x).sum(), w)(x)
+    want = jax.grad(lambda w: (jnp.tanh(before * w + x) * w).sum())(w.value)
+    assert_tree_allclose(grads, want)
+    assert_tree_allclose(h.value, jnp.tanh(before * w.value + x))
+    step(x)  # and the top-level plan still runs
+    assert_concrete([h, w])
