@@ -76,7 +76,14 @@ class StatefulTransform(abc.ABC):
     fails (its lanes see other shapes, or its fixed sizes disagree). If not,
     every call compares the states' values with the plan; if so, that check
     is left to the program, and repeated calls leave it the arguments too.
+    A subclass that builds its own programs (defines ``_map`` or ``_build``)
+    vouches for them itself: unless it sets this beside them, it is False.
     """
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "programs_check_inputs" not in vars(cls) and not vars(cls).keys().isdisjoint(("_map", "_build")):
+            cls.programs_check_inputs = False
 
     def __init__(
         self,

@@ -328,6 +328,23 @@ def test_jit_after_repeated_calls_with_another_shape():
     assert float(total.value) == 13.0
 
 
+class SequentialVMap(statemap.VMapMapping):
+    """vmap with a program of its own that, like SequentialMapping's, runs any number of lanes it is given."""
+
+    _map = SequentialMapping._map
+
+
+def test_a_subclass_that_builds_its_own_programs_is_checked_unless_it_vouches_for_them():
+    class Renamed(statemap.VMapMapping):
+        api = "Renamed"
+
+    class Vouched(SequentialVMap):
+        programs_check_inputs = True
+
+    assert Renamed.programs_check_inputs and Vouched.programs_check_inputs
+    assert not SequentialVMap.programs_check_inputs
+
+
 RESIZES = {
     "vmap": (statemap.vmap, 4, 2),
     "pmap": (statemap.pmap, 4, 2),
@@ -336,6 +353,7 @@ RESIZES = {
     "map, batch 2, 4 to 6 lanes": (lambda f, **kw: lambda x: statemap.map(f, batch_size=2, **kw), 4, 6),
     "custom, 4 to 2 lanes": (SequentialMapping, 4, 2),
     "custom, 2 to 4 lanes": (SequentialMapping, 2, 4),
+    "vmap subclass with its own program, 4 to 2 lanes": (SequentialVMap, 4, 2),
 }
 
 
