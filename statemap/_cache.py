@@ -83,6 +83,13 @@ class PlanCache:
         if self.shortcut is not None and self.shortcut.plan is plan:
             self.shortcut = None
 
+    def clear(self) -> None:
+        """Forget every plan."""
+        with self.building:
+            self._plans.clear()
+            self.shortcut = None
+            self.trusting = True
+
     def ref(self, state: State) -> weakref.ref:
         """A weak reference to ``state`` that prunes dead plans when it dies."""
         return weakref.ref(state, self._died)

@@ -151,7 +151,8 @@ def _to_predicate(filter: Filter) -> Predicate:
 
 
 def _unique(states: Iterable[State]) -> tuple[State, ...]:
-    return tuple(dict.fromkeys(states))
+    """``states`` without repeats, by identity: a State subclass may define ``__eq__``."""
+    return tuple({id(state): state for state in states}.values())
 
 
 def _predicates(filters: tuple[Filter, ...]) -> tuple[Predicate, ...]:
@@ -294,8 +295,8 @@ class Nothing:
 class _IsState:
     """Selects exactly the given states, by identity (a state is not a value)."""
 
-    states: tuple[State, ...] = attrs.field(converter=_unique)
-    _ids: frozenset[int] = attrs.field(init=False, repr=False, eq=False)
+    states: tuple[State, ...] = attrs.field(converter=_unique, eq=False)
+    _ids: frozenset[int] = attrs.field(init=False, repr=False)  # equal filters select the same objects
 
     @_ids.default
     def _ids_of_states(self) -> frozenset[int]:

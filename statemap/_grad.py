@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ._body import Body, trace_body, write_back
+from ._closures import closing_over
 from ._filters import to_predicate
 from ._state import State, describe, label
 from ._transform import MISSING
@@ -135,6 +136,7 @@ class _Gradient:
         body = trace_body(self.api, functools.partial(self.fn, **kwargs), args)
         self._check_loss(body)
         chosen = [] if self.wrt is None else self.wrt.select(self.api, body)
+        _refuse_closed_over(self.api, body, chosen)
         nums = () if self.argnums is None else (self.argnums,) if isinstance(self.argnums, int) else self.argnums
         nums = _positions(self.api, nums, args)
         outside = {id(s): v for s, v in zip(body.states, body.values)}
@@ -172,6 +174,29 @@ class _Gradient:
         if self.wrt is None:
             return arg_grads
         return state_grads if self.argnums is None else (state_grads, arg_grads)
+
+
+def _refuse_closed_over(api: str, body: Body, chosen: Sequence[State]) -> None:
+    """Raise if a ``jax.custom_jvp`` function reads a ``chosen`` state: JAX would drop its gradient."""
+    num_args = len(body.lane.jaxpr.invars) - sum(len(jax.tree.leaves(v)) for v in body.values)
+
+    def reading(wanted: Sequence[State]) -> str | None:
+        ids = {id(s) for s in wanted}
+        mask = [False] * num_args
+        for state, value in zip(body.states, body.values):
+            mask += [id(state) in ids] * len(jax.tree.leaves(value))
+        return closing_over(body.lane.jaxpr, mask)
+
+    if not chosen or reading(chosen) is None:
+        return
+    state = next(s for s in chosen if reading([s]) is not None)
+    raise TypeError(
+        f"{api}: the jax.custom_jvp function {reading([state])!r} reads {describe(state)} (or a value "
+        f"computed from it) without taking it as an argument. Its JVP rule gives tangents for its "
+        f"arguments only, so JAX would take the gradient with respect to {label(state)} through it as "
+        f"zero. Pass the value as an argument of the custom_jvp function (`f(x, state.value)`) and "
+        f"give it a tangent in the rule."
+    )
 
 
 def _make(api: str, fn: Any, grad_states: Any, argnums: Any, has_aux: bool) -> _Gradient:

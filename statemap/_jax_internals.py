@@ -179,19 +179,17 @@ def at_eval_trace() -> bool:
 def trace_settings() -> tuple[Any, ...]:
     """The JAX settings a trace depends on, as this thread sees them.
 
-    A plan made under one value is wrong under another, so (as in ``jax.jit``'s
-    cache) they are part of its key. Read from the settings' holders: a third
-    of the cost of ``jax.config``'s attributes, on every call.
+    A plan made under one value is wrong under another, so they are part of
+    its key: every setting ``jax.jit``'s cache keys on (JAX's own trace
+    context, less the axis environment, which the transforms around a call
+    supply), and the default PRNG implementation, which ``jax.jit`` does not.
     """
-    return (
-        config.enable_x64.value,
-        config.numpy_rank_promotion.value,
-        config.numpy_dtype_promotion.value,
-        config.default_matmul_precision.value,
-        config.default_prng_impl.value,
-        config.threefry_partitionable.value,
-        config.softmax_custom_jvp.value,
-    )
+    context = config.trace_context()
+    return (*context[:_AXIS_ENV], *context[_AXIS_ENV + 1 :], config.default_prng_impl.value)
+
+
+# Where JAX's trace context holds the axis environment (an error at import if nowhere).
+_AXIS_ENV = next(i for i, value in enumerate(config.trace_context()) if isinstance(value, core.AxisEnv))
 
 
 def unkeyed_settings() -> tuple[Any, ...] | None:

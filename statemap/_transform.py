@@ -221,6 +221,28 @@ class StatefulTransform(abc.ABC):
                     self._plans.add(call.key, plan)
         return Explanation(self.api, self.__name__, plan, self._explain_lines(plan), self.has_lanes)
 
+    def clear_cache(self) -> None:
+        """Forget the plans of this function and these options, as ``jax.jit(f).clear_cache()`` does.
+
+        Plans are shared by every transform built from the same function object
+        with the same options, so building the transform again keeps them. The
+        next call traces the function again and finds the State objects it
+        reaches now: needed after *replacing* a state object the function
+        reads, while the old one is still alive.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import statemap
+          >>> params = {'w': statemap.ParamState(jnp.ones(2))}
+          >>> apply = statemap.vmap(lambda x: x * params['w'].value)
+          >>> _ = apply(jnp.ones((3, 2)))
+          >>> old, params['w'] = params['w'], statemap.ParamState(jnp.full(2, 5.0))
+          >>> apply.clear_cache()
+          >>> apply(jnp.ones((1, 2)))
+          Array([[5., 5.]], dtype=float32)
+        """
+        self._plans.clear()
+
     def _trace(
         self, call: Call, sizes: SizeSources, axis_name: Hashable | None, hint: int | None
     ) -> tuple[Any, LaneRecorder, LaneOutputs]:

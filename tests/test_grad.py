@@ -637,3 +637,77 @@ def test_a_state_passed_as_an_argument_is_read_like_a_closed_over_one():
     w = statemap.ParamState(jnp.array([1.0, 2.0]), name="w")
     g = statemap.grad(lambda s, x: (s.value * x).sum() ** 2, w)(w, jnp.ones(2))
     np.testing.assert_allclose(g, jax.grad(lambda w, x: (w * x).sum() ** 2)(jnp.array([1.0, 2.0]), jnp.ones(2)))
+
+
+# A jax.custom_jvp function's rule gives tangents for its arguments only.
+
+
+def _softplus_reading(beta):
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.logaddexp(beta.value * x, 0.0) / beta.value
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        (x,), (tx,) = primals, tangents
+        return softplus(x), jax.nn.sigmoid(beta.value * x) * tx
+
+    return softplus
+
+
+def _softplus_of(x, b):
+    return jnp.logaddexp(b * x, 0.0) / b
+
+
+WRAPPERS = {
+    "plain": lambda f: f,
+    "jax.jit": jax.jit,
+    "jax.checkpoint": jax.checkpoint,
+    "lax.cond": lambda f: lambda x: jax.lax.cond(True, f, lambda x: x, x),
+    "lax.scan": lambda f: lambda x: jax.lax.scan(lambda c, _: (f(c), None), x, None, length=2)[0],
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPPERS))
+def test_a_custom_jvp_function_reading_a_differentiated_state_is_refused(wrap):
+    beta = statemap.ParamState(jnp.float32(2.0), name="beta")
+    softplus = WRAPPERS[wrap](_softplus_reading(beta))
+    before = snapshot([beta])
+    with pytest.raises(TypeError, match=r"custom_jvp function 'softplus' reads ParamState 'beta'.*as an argument"):
+        statemap.grad(lambda x: softplus(x).sum(), beta)(jnp.ones(3))
+    assert_unchanged(before)
+
+
+def test_a_custom_jvp_function_reading_a_state_per_member_is_refused():
+    betas = statemap.ParamState(jnp.array([1.0, 2.0, 3.0]), name="betas")
+    softplus = _softplus_reading(betas)
+    per_member = statemap.vmap(
+        lambda x: statemap.grad(lambda x: softplus(x).sum(), betas)(x), state_in_axes={0: betas}
+    )
+    with pytest.raises(TypeError, match="reads ParamState 'betas'"):
+        per_member(jnp.ones((3, 2)))
+
+
+def test_a_custom_jvp_function_may_read_a_state_that_is_not_differentiated():
+    beta = statemap.ParamState(jnp.float32(2.0), name="beta")
+    scale = statemap.ParamState(jnp.float32(3.0), name="scale")
+    softplus = _softplus_reading(beta)
+    x = jnp.ones(3)
+    got = statemap.grad(lambda x: (scale.value * softplus(x)).sum(), scale)(x)
+    np.testing.assert_allclose(got, _softplus_of(x, 2.0).sum(), rtol=1e-6)
+
+
+def test_a_custom_jvp_function_given_the_state_as_an_argument_differentiates_it():
+    beta = statemap.ParamState(jnp.float32(2.0), name="beta")
+
+    @jax.custom_jvp
+    def softplus(x, b):
+        return _softplus_of(x, b)
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        return jax.jvp(_softplus_of, primals, tangents)
+
+    x = jnp.ones(3)
+    got = statemap.grad(lambda x: softplus(x, beta.value).sum(), beta)(x)
+    np.testing.assert_allclose(got, jax.grad(lambda b: _softplus_of(x, b).sum())(2.0), rtol=1e-6)

@@ -97,6 +97,9 @@ SETTING_VALUES = {
     "jax_default_prng_impl": "rbg",
     "jax_threefry_partitionable": False,
     "jax_softmax_custom_jvp": True,
+    "jax_random_seed_offset": 7,
+    "jax_explicit_x64_dtypes": "allow",
+    "jax_default_device": jax.devices()[1],
 }
 
 

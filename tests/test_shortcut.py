@@ -7,6 +7,7 @@ against a pure-JAX oracle and the number of times the function ran.
 """
 
 import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,56 @@ def test_matmul_precision_changed_after_repeated_calls(kind):
     with jax.default_matmul_precision("highest"):
         np.testing.assert_array_equal(run(x), x)
         assert fn.runs == 2
+
+
+@pytest.mark.parametrize("kind", ["vmap", "jit", "custom"])
+def test_the_random_seed_offset_changed_after_repeated_calls(kind):
+    """A setting ``jax.jit`` keys on that changes what a trace draws, not its shapes."""
+    total = statemap.State(jnp.zeros(2))
+
+    def draw(x):
+        total.value = total.value + jax.random.normal(jax.random.key(0), (2,))
+        return x + jax.random.normal(jax.random.key(0), (2,))
+
+    fn = counted(draw)
+    run = {
+        "vmap": lambda: statemap.vmap(fn, in_axes=None, axis_size=2),
+        "jit": lambda: statemap.jit(fn),
+        "custom": lambda: SequentialMapping(fn, in_axes=None, axis_size=2),
+    }[kind]()
+    x = jnp.zeros(2)
+    for _ in range(3):
+        run(x)
+    before = jax.config.jax_random_seed_offset
+    jax.config.update("jax_random_seed_offset", 7)
+    try:
+        total.value = jnp.zeros(2)
+        expected = jax.random.normal(jax.random.key(0), (2,))  # eager, under the new offset
+        out = run(x)
+    finally:
+        jax.config.update("jax_random_seed_offset", before)
+    np.testing.assert_allclose(out if kind == "jit" else out[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(total.value, expected, rtol=1e-6)
+    assert fn.runs == 2
+
+
+def test_explicit_x64_dtypes_changed_after_repeated_calls():
+    fn = counted(lambda x: x.astype(jnp.float64) / 3)
+    run = statemap.vmap(fn)
+    x = jnp.ones((2, 2), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that float64 is float32 without x64
+        for _ in range(3):
+            assert run(x).dtype == jnp.float32
+        before = jax.config.jax_explicit_x64_dtypes
+        jax.config.update("jax_explicit_x64_dtypes", "allow")
+        try:
+            out = run(x)
+        finally:
+            jax.config.update("jax_explicit_x64_dtypes", before)
+    assert out.dtype == jnp.float64
+    np.testing.assert_allclose(out, np.full((2, 2), 1 / 3))
+    assert fn.runs == 2
 
 
 @pytest.mark.parametrize("kind", ["vmap", "custom"])

@@ -529,3 +529,56 @@ def test_states_equal_by_name_passed_as_arguments_stay_apart(cls):
         assert_tree_allclose(f(x, a, b), x + jnp.ones(2))
         assert_tree_allclose(a.value, jnp.full(2, i + 1.0))
         assert_tree_allclose(b.value, jnp.ones(2))
+
+
+def test_mappings_that_split_states_equal_by_name_have_plans_of_their_own():
+    """Two mappings of one function share a plan cache only if their filters select the same objects."""
+    a, b = HashedByName(jnp.arange(6.0).reshape(3, 2), name="h"), HashedByName(jnp.full((3, 2), 10.0), name="h")
+
+    def read(x):
+        return a.value.sum() + 100 * b.value.sum() + x
+
+    x = jnp.zeros(3)
+    split_a = statemap.vmap(read, state_in_axes={0: a})
+    split_b = statemap.vmap(read, state_in_axes={0: b})
+    for _ in range(2):
+        assert_tree_allclose(split_a(x), jax.vmap(lambda ai: ai.sum() + 100 * b.value.sum())(a.value))
+        assert_tree_allclose(split_b(x), jax.vmap(lambda bi: a.value.sum() + 100 * bi.sum())(b.value))
+
+
+@pytest.mark.parametrize("filter", [list, statemap.filters.Any], ids=["list", "Any"])
+def test_a_filter_of_states_equal_by_name_keeps_each(filter):
+    a, b = HashedByName(jnp.zeros((3, 2)), name="h"), HashedByName(jnp.ones((3, 2)), name="h")
+
+    def add(x):
+        a.value = a.value + x
+        b.value = b.value + 2 * x
+        return x
+
+    chosen = filter([a, b]) if filter is list else filter(a, b)
+    x = jnp.arange(6.0).reshape(3, 2)
+    statemap.vmap(add, state_in_axes={0: chosen})(x)
+    assert_tree_allclose(a.value, x)
+    assert_tree_allclose(b.value, 1 + 2 * x)
+
+
+@pytest.mark.parametrize("kind", ["vmap", "jit"])
+def test_clear_cache_after_replacing_a_state_object(kind):
+    """A replaced object, the old one still alive: warm calls read the old one until the plans go."""
+    params = {"w": statemap.ParamState(jnp.ones(2), name="w")}
+    runs = []
+
+    def apply(x):
+        runs.append(1)
+        return x * params["w"].value
+
+    make = statemap.vmap if kind == "vmap" else statemap.jit
+    x = jnp.ones((3, 2))
+    for _ in range(3):
+        make(apply)(x)  # built inline: one plan cache for all
+    old, params["w"] = params["w"], statemap.ParamState(jnp.full(2, 5.0), name="w")
+    assert_tree_allclose(make(apply)(x), x * old.value)  # documented: the plan holds the old object
+    make(apply).clear_cache()
+    for _ in range(3):
+        assert_tree_allclose(make(apply)(x), x * 5.0)
+    assert len(runs) == 2
