@@ -43,7 +43,7 @@ def leaf_axes(api: str, argname: str, axes: Any, tree: Any, what: str) -> list[i
     """Broadcast the pytree prefix ``axes`` to one axis per leaf of ``tree``."""
     try:
         per_leaf = jax.tree.map(
-            lambda axis, sub: [axis] * len(jax.tree.leaves(sub)),
+            lambda axis, sub: _Group([axis] * len(jax.tree.leaves(sub))),
             axes,
             tree,
             is_leaf=lambda x: x is None,
@@ -54,7 +54,16 @@ def leaf_axes(api: str, argname: str, axes: Any, tree: Any, what: str) -> list[i
             f"(structure {jax.tree.structure(tree)}). Give one axis per {what[:-1]} "
             f"or an int for all. JAX said: {err}"
         ) from None
-    return [a for group in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)) for a in group]
+    return [a for group in jax.tree.leaves(per_leaf) for a in group.axes]
+
+
+class _Group:
+    """One prefix leaf's axis, once per leaf of the subtree it covers: a pytree leaf, unlike the user's lists."""
+
+    __slots__ = ("axes",)
+
+    def __init__(self, axes: list[int | None]):
+        self.axes = axes
 
 
 def axis_in_range(axis: int, ndim: int) -> int | None:

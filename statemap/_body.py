@@ -25,7 +25,16 @@ from ._diagnose import baked_error, tracer_error
 from ._writeback import set_value
 from .errors import StateTypeError
 
-__all__ = ["Body", "check_same_structure", "check_same_types", "sliced", "strong", "trace_body", "write_back"]
+__all__ = [
+    "Body",
+    "check_same_structure",
+    "check_same_types",
+    "sliced",
+    "stays_weak",
+    "strengthened",
+    "trace_body",
+    "write_back",
+]
 
 
 @attrs.frozen(eq=False)
@@ -151,6 +160,25 @@ def strong(x: Any) -> Any:
     """``x`` without a weak type, so a loop carry keeps one type from step to step."""
     aval = _aval(x)
     return jax.lax.convert_element_type(x, aval.dtype) if aval.weak_type else x
+
+
+def stays_weak(value: Any, *afters: Sequence[Any]) -> list[bool]:
+    """For each leaf of a state's ``value``: weakly typed, and so in every one of ``afters`` (its leaves, or their avals).
+
+    A carry may keep such a leaf weak, as the same Python loop would; any
+    other leaf is carried strongly typed (see ``strengthened``).
+    """
+    before = [_aval(x).weak_type for x in jax.tree.leaves(value)]
+    return [weak and all(_aval(after[i]).weak_type for after in afters) for i, weak in enumerate(before)]
+
+
+def strengthened(values: Sequence[Any], weak: Sequence[Sequence[bool]]) -> list[Any]:
+    """``values`` (one per state) without weak types, but for the leaves ``weak`` (from ``stays_weak``) keeps."""
+    out = []
+    for value, keep in zip(values, weak):
+        leaves, treedef = jax.tree.flatten(value)
+        out.append(jax.tree.unflatten(treedef, [x if k else strong(x) for x, k in zip(leaves, keep)]))
+    return out
 
 
 def _aval(x: Any) -> Any:

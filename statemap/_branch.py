@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from ._body import Body, check_same_structure, check_same_types, strong, trace_body, write_back
+from ._body import Body, check_same_structure, check_same_types, stays_weak, strengthened, trace_body, write_back
 from ._identity import IdentityDict
 from ._state import State
 
@@ -105,21 +105,32 @@ def _branch(
     written = list(_union(bodies, lambda b: ((s, None) for s in b.written))[0])
     _check_types(api, states, values, bodies)
     position = {id(state): i for i, state in enumerate(states)}
+    weak = _weak(states, values, written, bodies)
 
     def as_branch(body: Body) -> Callable[[Any, list[Any]], tuple[Any, list[Any]]]:
         def run(ops: Any, vals: list[Any]) -> tuple[Any, list[Any]]:
             out, new = body.run(jax.tree.leaves(ops), [vals[position[id(s)]] for s in body.states])
             mine = {id(s): v for s, v in zip(body.written, new)}
             kept = [mine.get(id(s), vals[position[id(s)]]) for s in written]
-            return out, [jax.tree.map(strong, v) for v in kept]
+            return out, strengthened(kept, [weak[id(s)] for s in written])
 
         return run
 
-    strong_values = [jax.tree.map(strong, v) for v in values]
+    entering = strengthened(values, [weak.get(id(s), [False] * len(jax.tree.leaves(v))) for s, v in zip(states, values)])
     arrays = [x for x in jax.tree.leaves(operands) if not isinstance(x, State)]  # States are read, not passed
-    out, new = choose([as_branch(b) for b in bodies], arrays, strong_values)
+    out, new = choose([as_branch(b) for b in bodies], arrays, entering)
     write_back(api, written, new)
     return out
+
+
+def _weak(states: list[State], values: list[Any], written: list[State], bodies: Sequence[Body]) -> dict[int, list[bool]]:
+    """For each written state's leaves (by state id): weakly typed on entry and after every branch."""
+    value = {id(s): v for s, v in zip(states, values)}
+    left = [dict(zip(map(id, body.written), body.written_avals)) for body in bodies]
+    return {
+        id(s): stays_weak(value[id(s)], *(by_id.get(id(s), jax.tree.leaves(value[id(s)])) for by_id in left))
+        for s in written
+    }
 
 
 def _union(bodies: Sequence[Body], pairs: Callable[[Body], Any]) -> tuple[list[State], list[Any]]:

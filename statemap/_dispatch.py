@@ -10,6 +10,7 @@ import jax
 
 from ._diagnose import tracer_error
 from ._donation import shield, spent
+from ._jax_internals import refused_devices
 from ._plan import Plan, StalePlan
 from ._state import State, Watcher, describe
 from ._writeback import commit, set_value
@@ -97,6 +98,15 @@ def _refine(
     if _committed_apart(inputs):
         states = plan.states() or []
         raise ValueError(f"{api}: incompatible devices: {_placement(leaves, states, values)}") from err
+    if refused_devices(err):
+        states = plan.states() or []
+        where = "; ".join(f"{describe(s)} is on device(s) {_devices(v)}" for s, v in zip(states, values))
+        raise ValueError(
+            f"{api}: the program runs on other devices than the values it was given ({where}; JAX's "
+            f"message below names the program's devices). A mapping called on its own moves the states "
+            f"it reads onto its devices, but not inside {api}: call the mapping once outside it, or move "
+            f"the state first (`state.value = jax.device_put(state.value, sharding)`)."
+        ) from err
 
 
 def _any_tracer(values: Sequence[Any]) -> bool:
@@ -115,12 +125,12 @@ def _committed_apart(inputs: Sequence[Any]) -> bool:
 
 def _placement(leaves: Sequence[Any], states: Sequence[State], values: Sequence[Any]) -> str:
     """Where the arguments and each input state live, for a devices error."""
-
-    def devices(tree: Any) -> list[int]:
-        return sorted({d.id for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()})
-
-    where = [f"{describe(s)} is on device(s) {devices(v)}" for s, v in zip(states, values)]
+    where = [f"{describe(s)} is on device(s) {_devices(v)}" for s, v in zip(states, values)]
     return (
-        f"the arguments are on device(s) {devices(leaves)}; " + "; ".join(where) + ". Move a "
+        f"the arguments are on device(s) {_devices(leaves)}; " + "; ".join(where) + ". Move a "
         "state next to the arguments with `state.value = jax.device_put(state.value, device)`."
     )
+
+
+def _devices(tree: Any) -> list[int]:
+    return sorted({d.id for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) for d in x.devices()})

@@ -34,6 +34,7 @@ __all__ = [
     "escaped",
     "eval_lane",
     "fast_aval",
+    "refused_devices",
     "trace_lane",
     "trace_settings",
     "under_staging_trace",
@@ -201,6 +202,14 @@ def unkeyed_settings() -> tuple[Any, ...] | None:
     if type(core.trace_ctx.trace) is not core.EvalTrace:
         return None
     return (config.default_prng_impl.value,)
+
+
+def refused_devices(err: Exception) -> bool:
+    """Whether ``jax.jit`` refused a call because its inputs sit on other devices than its program.
+
+    JAX raises a plain ``ValueError`` for it, told apart by its message.
+    """
+    return isinstance(err, ValueError) and "incompatible devices" in str(err)
 
 
 def eval_lane(lane: LaneJaxpr, inputs: Sequence[Any]) -> list[Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._body import Body, check_same_structure, check_same_types, sliced, strong, trace_body, write_back
+from ._body import Body, check_same_structure, check_same_types, sliced, stays_weak, strengthened, trace_body, write_back
 from ._state import State, describe
 from .errors import StatemapError
 
@@ -237,18 +237,18 @@ def _loop_body(api: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Body:
 
 
 def _iterate(body: Body, args: Any, carried: list[Any]) -> tuple[Any, list[Any]]:
-    """One iteration: the body's output, and the carried states' new values (strongly typed)."""
+    """One iteration: the body's output, and the carried states' new values (typed as on entry)."""
     out, new = body.run(jax.tree.leaves(args), _inputs(body, body.written, carried))
-    return out, _strong(new)
+    return out, strengthened(new, _weak(body))
 
 
 def _initial(body: Body) -> list[Any]:
-    """The carried states' values on entry, with strong types."""
-    return _strong([body.value_of(state) for state in body.written])
+    """The carried states' values on entry: strongly typed, but where the body keeps a weak type."""
+    return strengthened([body.value_of(state) for state in body.written], _weak(body))
 
 
-def _strong(values: list[Any]) -> list[Any]:
-    return [jax.tree.map(strong, value) for value in values]
+def _weak(body: Body) -> list[list[bool]]:
+    return [stays_weak(body.value_of(s), after) for s, after in zip(body.written, body.written_avals)]
 
 
 def _inputs(body: Body, written: Sequence[State], carried: Sequence[Any]) -> list[Any]:

@@ -144,9 +144,12 @@ class StatefulMapping(StatefulTransform):
         self.state_in_axes = StateAxes.parse(api, "state_in_axes", state_in_axes)
         self.state_out_axes = StateAxes.parse(api, "state_out_axes", state_out_axes)
         self.policy = WritePolicy.parse(api, unexpected_out_state_mapping)
-        # One private name for every unnamed mapping: nested maps shadow it, as
+        # One private name per kind of unnamed mapping: nested vmaps shadow it, as
         # JAX allows, and JAX's caches keyed by axis names do not grow per mapping.
-        self._lane_axis = axis_name if axis_name is not None else "statemap-lane"
+        # Kinds differ: a vmap batching a pmap's body would take the pmap's
+        # ``axis_index`` of the same name for its own, and every device of a
+        # lane would draw the same numbers.
+        self._lane_axis = axis_name if axis_name is not None else f"statemap-lane of {self.api}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.__name__}, axis_name={self.axis_name!r})"

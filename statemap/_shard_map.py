@@ -82,7 +82,7 @@ class ShardMapMapping(StatefulMapping):
             static_argnums=static_argnums,
             donate_argnums=donate_argnums,
         )
-        self.mesh = _mesh(self.api, mesh, devices, self._lane_axis)
+        self.mesh = _mesh(self.api, mesh, devices, self._lane_axis, axis_name is None)
         self.devices = devices
 
     def _options(self) -> Hashable:
@@ -212,16 +212,16 @@ class _Placed:
         return self.copies.put(i, x, jax.device_put(x, sharding))
 
 
-def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable) -> Mesh:
+def _mesh(api: str, mesh: Mesh | None, devices: Sequence[jax.Device] | None, name: Hashable, unnamed: bool) -> Mesh:
     if mesh is not None:
         if not isinstance(mesh, Mesh):
             raise TypeError(f"{api}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
         if devices is not None:
             raise ValueError(f"{api}: pass `mesh` or `devices`, not both.")
         if name not in mesh.axis_names:
+            given = "no `axis_name` was given" if unnamed else f"`axis_name` {name!r} is not an axis of the mesh"
             raise ValueError(
-                f"{api}: `axis_name` {name!r} is not an axis of the mesh (axes {mesh.axis_names}). "
-                f"Pass one of them as `axis_name`."
+                f"{api}: {given} (axes {mesh.axis_names}). Pass the mesh axis to map over as `axis_name`."
             )
         return mesh
     if devices is not None:

@@ -533,3 +533,25 @@ def test_states_passed_as_operands_are_read_and_written_like_closed_over_ones():
     out = statemap.switch(1, [add, lambda s, x: -x], total, jnp.float32(2.0))
     np.testing.assert_allclose(out, -2.0)
     np.testing.assert_allclose(total.value, 3.0)
+
+
+@pytest.mark.parametrize("pred", [True, False])
+def test_a_state_every_branch_keeps_weakly_typed_stays_weak(pred):
+    decay = statemap.State(1.0, name="decay")
+
+    def halve():
+        decay.value = decay.value * 0.5
+        return 0
+
+    statemap.cond(pred, halve, lambda: 0)
+    assert decay.value.weak_type
+    assert_tree_allclose(decay.value, 0.5 if pred else 1.0)
+    assert (jnp.ones(2, jnp.bfloat16) * decay.value).dtype == jnp.bfloat16
+
+
+def test_a_state_one_branch_makes_strong_is_strong_after_either():
+    """As ``jax.lax.cond``: the branches' results promote to one type."""
+    level = statemap.State(1.0, name="level")
+    statemap.cond(False, lambda: setattr(level, "value", jnp.float32(2)), lambda: None)
+    assert not level.value.weak_type and level.value.dtype == jnp.float32
+    assert_tree_allclose(level.value, 1.0)

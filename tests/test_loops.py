@@ -551,3 +551,41 @@ def test_a_state_holding_a_python_scalar_in_a_loop(start):
     for t in range(T):
         body(eager, arr(T)[t])
     assert_tree_allclose(count.value, eager.value)
+
+
+WEAK_LOOPS = {
+    "for_loop": lambda body: statemap.for_loop(lambda x: body(), jnp.arange(3)),
+    "scan": lambda body: statemap.scan(lambda c, x: (body(), None), 0, jnp.arange(3)),
+    "fori_loop": lambda body: statemap.fori_loop(0, 3, lambda i, v: (body(), v)[1], 0),
+    "while_loop": lambda body: statemap.while_loop(lambda n: n < 3, lambda n: (body(), n + 1)[1], 0),
+}
+
+
+@pytest.mark.parametrize("loop", list(WEAK_LOOPS))
+def test_a_state_the_body_keeps_weakly_typed_leaves_weakly_typed(loop):
+    """As the Python loop: a weakly typed scalar decayed by Python numbers stays weak, and promotes as one."""
+    decay, eager = statemap.State(jnp.asarray(1.0), name="decay"), statemap.State(jnp.asarray(1.0), name="decay")
+
+    def body(state):
+        state.value = state.value * 0.5
+        return state.value
+
+    WEAK_LOOPS[loop](lambda: body(decay))
+    for _ in range(3):
+        body(eager)
+    assert decay.value.weak_type and eager.value.weak_type
+    assert_tree_allclose(decay.value, eager.value)
+    assert (jnp.ones(2, jnp.bfloat16) * decay.value).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("loop", list(WEAK_LOOPS))
+def test_a_weakly_typed_state_the_body_makes_strong_leaves_strong(loop):
+    level = statemap.State(1.0, name="level")
+
+    def body():
+        level.value = level.value + jnp.float32(1)
+        return level.value
+
+    WEAK_LOOPS[loop](body)
+    assert not level.value.weak_type and level.value.dtype == jnp.float32
+    assert_tree_allclose(level.value, 4.0)

@@ -333,3 +333,27 @@ def test_module_errors(default_state):
         statemap.random.seed("zero")
     with pytest.raises(ValueError, match=r"`n` must be a positive int, got 0"):
         statemap.random.split_key(0)
+
+
+NESTINGS = {
+    "vmap(pmap)": lambda f, a, b: statemap.vmap(statemap.pmap(f, axis_name=b), axis_name=a),
+    "vmap(shard_map)": lambda f, a, b: statemap.vmap(
+        statemap.shard_map(f, b, devices=jax.devices()[:4]), axis_name=a
+    ),
+    "map(pmap)": lambda f, a, b: lambda x: statemap.map(statemap.pmap(f, axis_name=b), x),
+    "jit(vmap(pmap))": lambda f, a, b: statemap.jit(statemap.vmap(statemap.pmap(f, axis_name=b), axis_name=a)),
+}
+
+
+@pytest.mark.parametrize("nesting", list(NESTINGS))
+def test_unnamed_nested_mappings_of_different_kinds_give_every_lane_its_own_key(nesting):
+    """Unnamed, each kind binds its own private axis: the same keys as with names of one's own."""
+    rng = statemap.RandomState(0, name="rng")
+    draw = lambda x: x + rng.normal(())  # noqa: E731
+    x = jnp.zeros((2, 4))
+    rng.seed(0)
+    unnamed = np.asarray(NESTINGS[nesting](draw, None, None)(x))
+    rng.seed(0)
+    named = np.asarray(NESTINGS[nesting](draw, "outer", "inner")(x))
+    assert len(set(unnamed.ravel().tolist())) == unnamed.size
+    np.testing.assert_array_equal(unnamed, named)

@@ -408,6 +408,25 @@ def test_a_state_left_on_other_devices_moves_to_the_mesh():
     assert_tree_allclose(h.value, jnp.full((4, 2), 2.0))
 
 
+
+def test_inside_jit_a_state_left_on_other_devices_is_refused_with_the_fix():
+    h = statemap.HiddenState(jnp.zeros((4, 2)), name="h")
+
+    def bump(x):
+        h.value = h.value + x
+        return h.value.sum()
+
+    first = statemap.shard_map(bump, devices=jax.devices()[4:], state_in_axes=statemap.HiddenState)
+    second = statemap.shard_map(bump, devices=jax.devices()[:4], state_in_axes=statemap.HiddenState)
+    sync(first(jnp.ones((4, 2))))
+    saved = snapshot([h])
+    with pytest.raises(ValueError, match=r"statemap\.jit: the program runs on other devices .*HiddenState 'h'.* is on device\(s\) \[4, 5, 6, 7\].*call the mapping once outside it"):
+        statemap.jit(second)(jnp.ones((4, 2)))
+    assert_unchanged(saved)
+    sync(second(jnp.ones((4, 2))))  # the mapping on its own moves it
+    assert_tree_allclose(statemap.jit(second)(jnp.ones((4, 2))), jnp.full(4, 6.0))
+
+
 # Meshes and devices.
 
 
@@ -492,7 +511,7 @@ def test_bad_mesh_and_devices_raise():
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     with pytest.raises(ValueError, match=r"`axis_name` 'batch' is not an axis of the mesh"):
         statemap.shard_map(lambda x: x, "batch", mesh=mesh)
-    with pytest.raises(ValueError, match=r"`axis_name` 'statemap-lane' is not an axis of the mesh"):
+    with pytest.raises(ValueError, match=r"no `axis_name` was given \(axes \('data', 'model'\)\)\. Pass the mesh axis"):
         statemap.shard_map(lambda x: x, mesh=mesh)
     with pytest.raises(ValueError, match=r"pass `mesh` or `devices`, not both"):
         statemap.shard_map(lambda x: x, "data", mesh=mesh, devices=jax.devices()[:4])

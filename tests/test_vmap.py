@@ -1493,3 +1493,27 @@ def test_explain_shows_a_state_holding_a_python_number():
     count = statemap.State(0, name="count")
     text = str(statemap.vmap(lambda x: x + count.value).explain(arr(B)))
     assert "State 'count' ()" in text
+
+
+@pytest.mark.parametrize(
+    "in_axes, args",
+    [
+        ((0, [{"a": None}], 0), (jnp.arange(3.0), [{"a": jnp.float32(2)}], jnp.ones(3))),
+        (([0, None],), ([jnp.arange(3.0), jnp.float32(5)],)),
+        (({"x": 0, "y": None},), ({"x": jnp.arange(3.0), "y": jnp.float32(1)},)),
+    ],
+    ids=["list of dicts", "list", "dict"],
+)
+def test_in_axes_with_lists_and_dicts_as_in_jax_vmap(in_axes, args):
+    def f(*a):
+        return sum(jax.tree.leaves(a))
+
+    np.testing.assert_allclose(statemap.vmap(f, in_axes=in_axes)(*args), jax.vmap(f, in_axes=in_axes)(*args))
+
+
+def test_out_axes_as_a_list():
+    f = lambda x: [x, x * 2]  # noqa: E731
+    x = jnp.arange(6.0).reshape(2, 3)
+    got, want = statemap.vmap(f, out_axes=[0, 1])(x), jax.vmap(f, out_axes=[0, 1])(x)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w)
