@@ -111,15 +111,37 @@ def decide_outputs(
     """Place every output: user outputs on ``user_axes``, states by the rules of one call."""
     out_axes: list[int | None] = list(user_axes)
     plans = _place_written(api, lane.out_avals, recorder, outputs, state_out_axes, out_axes)
-    made = []
-    for state, treedef, n in outputs.made:
-        made.append(StateOut(weakref.ref(state), Exit.STACKED, 0, treedef, n))
-        out_axes += [0] * n
-    candidates = [i for i, a in enumerate(out_axes) if a is None]
-    batched = find_batched(candidates)
+    created = _place_made(api, lane.out_avals, outputs, state_out_axes, out_axes)
+    batched = find_batched([i for i, a in enumerate(out_axes) if a is None])
     _check_user_outputs(api, batched, len(user_axes))
-    outs, refused, warned = [], [], []
-    pos = len(user_axes)
+    refused: list[tuple[State, str]] = []
+    warned: list[str] = []
+    outs = _leave(api, plans, len(user_axes), batched, policy, out_axes, refused, warned)
+    made = _leave(api, created, len(user_axes) + sum(n for _, _, n, _, _ in plans), batched, policy, out_axes, refused, warned)
+    advanced = []
+    for state, entry in recorder.inputs.items():
+        if entry.entry is Entry.LANE_KEY:
+            advanced.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
+            out_axes.append(None)
+    refusal = _refusal(api, refused)
+    return Decisions(out_axes, tuple(outs), tuple(made), tuple(advanced), refusal, tuple(warned))
+
+
+_Placing = tuple[State, Any, int, str, "int | None"]
+
+
+def _leave(
+    api: str,
+    plans: Sequence[_Placing],
+    pos: int,
+    batched: set[int],
+    policy: WritePolicy,
+    out_axes: list[int | None],
+    refused: list[tuple[State, str]],
+    warned: list[str],
+) -> list[StateOut]:
+    """How each of ``plans`` (from output position ``pos``) leaves, now that ``batched`` is known."""
+    outs = []
     for state, treedef, n, kind, where in plans:
         varies = any(i in batched for i in range(pos, pos + n))
         exit, axis = _exit(kind, where, varies, policy)
@@ -131,13 +153,22 @@ def decide_outputs(
             refused.append((state, kind))
         outs.append(StateOut(weakref.ref(state), exit, axis, treedef, n))
         pos += n
-    advanced = []
-    for state, entry in recorder.inputs.items():
-        if entry.entry is Entry.LANE_KEY:
-            advanced.append(StateOut(weakref.ref(state), Exit.ADVANCED, None, entry.treedef, 1))
-            out_axes.append(None)
-    refusal = _refusal(api, refused)
-    return Decisions(out_axes, tuple(outs), tuple(made), tuple(advanced), refusal, tuple(warned))
+    return outs
+
+
+def _place_made(
+    api: str, avals: Sequence[Any], outputs: LaneOutputs, state_out_axes: StateAxes, out_axes: list[int | None]
+) -> list[_Placing]:
+    """How each state created inside is meant to leave: stacked on axis 0, unless ``state_out_axes`` selects it."""
+    plans: list[_Placing] = []
+    pos = len(out_axes)
+    for state, treedef, n in outputs.made:
+        selected, axis = state_out_axes.match(state)
+        where = axis if selected else 0
+        plans.append((state, treedef, n, "stacked" if where is not None else "declared", where))
+        out_axes += [None] * n if where is None else _stack_axes(api, state, where, avals[pos : pos + n])
+        pos += n
+    return plans
 
 
 def _place_written(
@@ -147,7 +178,7 @@ def _place_written(
     outputs: LaneOutputs,
     state_out_axes: StateAxes,
     out_axes: list[int | None],
-) -> list[tuple[State, Any, int, str, int | None]]:
+) -> list[_Placing]:
     """How each written state is meant to leave; appends its leaves' axes to ``out_axes``.
 
     ``kind`` is ``'stacked'`` (on ``where``), ``'declared'`` (``state_out_axes``

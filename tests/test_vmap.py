@@ -548,6 +548,37 @@ def test_created_states_come_out_stacked_on_axis_zero():
     assert_tree_allclose(out.value, x * 2)
 
 
+@pytest.mark.parametrize("kind", ["vmap", "pmap"])
+def test_state_out_axes_places_created_states(kind):
+    """As for a written state: stacked on the axis it names, or as is (None) if every lane made the same."""
+    make = statemap.vmap if kind == "vmap" else statemap.pmap
+    rng = statemap.RandomState(0, name="rng")
+
+    def init(x):
+        w = statemap.ParamState(rng.normal((3,)), name="w")
+        d = statemap.ShortTermState(x * jnp.ones(3), name="d")
+        shared = statemap.LongTermState(jnp.arange(3.0), tag="shared")
+        return w, d, shared
+
+    m = make(init, state_out_axes={1: statemap.ShortTermState, None: "shared"})
+    x = jnp.arange(4.0)
+    for call in range(2):  # the traced call and a warm one
+        w, d, shared = m(x + call)
+        assert w.value.shape == (4, 3)
+        assert_tree_allclose(d.value, jnp.ones((3, 1)) * (x + call))
+        assert_tree_allclose(shared.value, jnp.arange(3.0))
+    assert "stacked on axis 1" in str(m.explain(x)) and "written as is" in str(m.explain(x))
+
+
+def test_state_out_axes_none_refuses_a_created_state_that_varies():
+    rng = statemap.RandomState(0, name="rng")
+    before = snapshot([rng])
+    m = statemap.vmap(lambda x: statemap.State(x, tag="shared"), state_out_axes={None: "shared"})
+    with pytest.raises(statemap.BatchAxisError, match=r"State tagged 'shared'.*`state_out_axes` maps it to None"):
+        m(jnp.arange(4.0))
+    assert_unchanged(before)
+
+
 def test_created_states_inside_containers_are_the_same_objects():
     def init(x):
         p = statemap.ParamState({"w": x * 2, "b": x.sum()}, name="p")
