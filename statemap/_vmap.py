@@ -85,7 +85,8 @@ class VMapMapping(StatefulMapping):
             raise ValueError(
                 f"{self.api}: cannot tell the axis size: no argument is mapped (check "
                 f"`in_axes`) and no state is split (check `state_in_axes`). Map an "
-                f"argument, split a state, or pass `axis_size=n`."
+                f"argument, split a state, or pass `axis_size=n` (a State passed as an argument "
+                f"gives the size only if the function reads it)."
             )
         return size
 

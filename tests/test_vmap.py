@@ -764,6 +764,12 @@ def test_no_mapped_input_and_no_axis_size_is_a_value_error():
     assert_unchanged(saved)
 
 
+def test_a_state_argument_the_function_does_not_read_gives_no_size_and_the_error_says_so():
+    a = statemap.ParamState(jnp.zeros((2, 3)), name="a")
+    with pytest.raises(ValueError, match=r"a State passed as an argument gives the size only if the function reads it"):
+        statemap.vmap(lambda m: m, in_axes=0)(a)
+
+
 def test_axis_size_that_disagrees_is_a_value_error_listing_both():
     with pytest.raises(ValueError, match=r"inconsistent sizes") as info:
         statemap.vmap(lambda x: x, axis_size=4)(arr(B))
