@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
@@ -45,11 +44,6 @@ class JitTransform(StatefulTransform):
     api = "statemap.jit"
     compile_ahead = True
     programs_check_inputs = True
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        # A decorated method binds its instance, as a ``jax.jit`` one does;
-        # mark it static (``static_argnums=0``) unless it is a pytree of arrays.
-        return self if instance is None else types.MethodType(self, instance)
 
     def _build(self, call: Call) -> tuple[Plan, list[State]]:
         sizes = call.sizes.copy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -105,6 +106,11 @@ class StatefulTransform(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.__name__})"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        # A decorated method binds its instance, as a ``jax.jit`` one does;
+        # mark it static (``static_argnums=0``) unless it is a pytree of arrays.
+        return self if instance is None else types.MethodType(self, instance)
 
     @functools.cached_property
     def _plans(self) -> PlanCache:

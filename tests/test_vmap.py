@@ -1554,3 +1554,23 @@ def test_out_axes_as_a_list():
     got, want = statemap.vmap(f, out_axes=[0, 1])(x), jax.vmap(f, out_axes=[0, 1])(x)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w)
+
+
+class Ensemble:
+    """A model whose forward pass is a ``statemap.vmap`` method, as a ``jax.vmap``-decorated one binds."""
+
+    def __init__(self, scale):
+        self.w = statemap.ParamState(jnp.full(3, scale), name="w")
+
+    @functools.partial(statemap.vmap, in_axes=(None, 0), static_argnums=0)
+    def apply(self, x):
+        return x * self.w.value
+
+
+def test_a_mapped_method_binds_its_instance():
+    a, b = Ensemble(2.0), Ensemble(3.0)
+    x = arr(B, 3)
+    for _ in range(2):
+        assert_tree_allclose(a.apply(x), x * 2.0)
+        assert_tree_allclose(b.apply(x), x * 3.0)
+    assert isinstance(Ensemble.apply, statemap.VMapMapping)
