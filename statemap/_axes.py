@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -117,21 +118,23 @@ class StateAxes:
     def match(self, state: State) -> tuple[bool, int | None]:
         """(selected, axis) for ``state``: the first entry whose filter selects it.
 
-        Raises:
-          ValueError: ``state`` is selected by nothing, but its name is a str
-            filter here (which matches tags, not names).
+        A state selected by nothing whose name is a str filter here (which
+        matches tags, not names) is most likely a mistake: it is left alone,
+        as the filter says, with a ``UserWarning`` when the function is traced.
         """
         path = () if state.name is None else (state.name,)
         for axis, predicate in self.entries:
             if predicate(path, state):
                 return True, axis
         if state.name in self.bare_tags:
-            raise ValueError(
+            warnings.warn(
                 f"{self.api}: `{self.argname}` has the str filter {state.name!r}, which selects "
                 f"states by tag, and the function touches {describe(state)}, whose name (not "
                 f"tag) is {state.name!r}: the filter does not select it. Select it by name with "
                 f"`statemap.filters.PathContains({state.name!r})`, give it `tag={state.name!r}`, "
-                f"or write `statemap.filters.WithTag({state.name!r})` if you mean only the tag."
+                f"or write `statemap.filters.WithTag({state.name!r})` if you mean only the tag.",
+                UserWarning,
+                stacklevel=2,
             )
         return False, None
 

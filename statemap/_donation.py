@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import jax
 
+from ._jax_internals import checking_numerics
 from ._plan import Exit
 
 if TYPE_CHECKING:
@@ -37,14 +38,16 @@ def donatable(
     its leaves' counts stay low), and only when the output has the input's
     shape and dtype (a stacked output gains ``size`` at its axis), so XLA can
     always use the buffer; keys (extended dtypes) are small and left alone.
-    Nothing is donated by a program with effects (a host callback can fail
-    after dispatch, and a failed call must keep the old values), nor by one
+    Nothing is donated by a program with effects or host callbacks (they can
+    fail after dispatch, and a failed call must keep the old values), nor
+    under ``jax_debug_nans``/``jax_debug_infs`` (a NaN runs the function
+    again on its inputs), nor by one
     planned inside a JAX transform (plans are keyed by that, see ``Call``):
     there the old buffers may be the transform's own inputs (``jax.grad``
     keeps its primal values), and a batched output would leave the donation
     unusable and JAX warn about it.
     """
-    if lane.has_effects or not call.outside:
+    if lane.has_effects or not call.outside or checking_numerics():
         return ()
     position, pos = {}, len(call.leaves)
     for state in recorder.inputs:

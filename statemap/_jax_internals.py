@@ -31,6 +31,8 @@ __all__ = [
     "LaneJaxpr",
     "LaneTrace",
     "at_eval_trace",
+    "checking_numerics",
+    "default_prng_impl",
     "escaped",
     "eval_lane",
     "fast_aval",
@@ -63,8 +65,11 @@ class LaneJaxpr:
 
     @property
     def has_effects(self) -> bool:
-        """Whether the lane has side effects, such as host callbacks."""
-        return bool(self.jaxpr.effects)
+        """Whether the lane has side effects or calls the host (``jax.pure_callback`` too).
+
+        Either can fail after the program is dispatched.
+        """
+        return bool(self.jaxpr.effects) or _calls_host(self.jaxpr)
 
     @property
     def out_avals(self) -> list[Any]:
@@ -172,6 +177,13 @@ def under_staging_trace() -> bool:
     return False
 
 
+def _calls_host(jaxpr: core.Jaxpr) -> bool:
+    return any(
+        eqn.primitive.name == "pure_callback" or any(map(_calls_host, core.jaxprs_in_params(eqn.params)))
+        for eqn in jaxpr.eqns
+    )
+
+
 def at_eval_trace() -> bool:
     """Whether code runs outside every JAX transform: arrays here are concrete."""
     return type(core.trace_ctx.trace) is core.EvalTrace
@@ -183,10 +195,10 @@ def trace_settings() -> tuple[Any, ...]:
     A plan made under one value is wrong under another, so they are part of
     its key: every setting ``jax.jit``'s cache keys on (JAX's own trace
     context, less the axis environment, which the transforms around a call
-    supply), and the default PRNG implementation, which ``jax.jit`` does not.
+    supply), and those it does not (see ``unkeyed_settings``).
     """
     context = config.trace_context()
-    return (*context[:_AXIS_ENV], *context[_AXIS_ENV + 1 :], config.default_prng_impl.value)
+    return (*context[:_AXIS_ENV], *context[_AXIS_ENV + 1 :], *_unkeyed())
 
 
 # Where JAX's trace context holds the axis environment (an error at import if nowhere).
@@ -197,11 +209,17 @@ def unkeyed_settings() -> tuple[Any, ...] | None:
     """Outside every JAX transform, those of ``trace_settings`` that ``jax.jit`` does not key on; else None.
 
     A program traced under one default PRNG implementation runs unchanged
-    under another, though a key made inside the function changes type.
+    under another, though a key made inside the function changes type; one
+    that donates its inputs must not run under ``jax_debug_nans`` or
+    ``jax_debug_infs``, whose checks run the function again on the inputs.
     """
     if type(core.trace_ctx.trace) is not core.EvalTrace:
         return None
-    return (config.default_prng_impl.value,)
+    return _unkeyed()
+
+
+def _unkeyed() -> tuple[Any, ...]:
+    return (config.default_prng_impl.value, config.debug_nans.value, config.debug_infs.value)
 
 
 def refused_devices(err: Exception) -> bool:
@@ -210,6 +228,16 @@ def refused_devices(err: Exception) -> bool:
     JAX raises a plain ``ValueError`` for it, told apart by its message.
     """
     return isinstance(err, ValueError) and "incompatible devices" in str(err)
+
+
+def default_prng_impl() -> str:
+    """The name of JAX's default PRNG implementation (``jax_default_prng_impl``)."""
+    return config.default_prng_impl.value
+
+
+def checking_numerics() -> bool:
+    """Whether ``jax_debug_nans`` or ``jax_debug_infs`` is on: JAX then runs a failing function again."""
+    return bool(config.debug_nans.value or config.debug_infs.value)
 
 
 def eval_lane(lane: LaneJaxpr, inputs: Sequence[Any]) -> list[Any]:

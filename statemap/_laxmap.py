@@ -77,7 +77,7 @@ class LaxMapMapping(StatefulMapping):
 
     def _map(self, spec: MapSpec) -> Callable[..., Sequence[Any]]:
         api, size = self.api, spec.axis_size
-        chunk = min(self.batch_size or 1, size)
+        chunk = max(min(self.batch_size or 1, size), 1)  # an empty axis runs no chunk of one lane
         stacked = [None if a is None else 0 for a in spec.out_axes]
 
         def lanes(first: Any, count: int, inputs: Sequence[Any]) -> list[Any]:

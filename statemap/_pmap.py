@@ -206,7 +206,9 @@ def _placing(
             return program(*inputs)
         if any(_misplaced(x, axis, size) for x, axis in zip(inputs, in_axes)):
             inputs = tuple(_placed(x, axis, size, device) for x, axis in zip(inputs, in_axes))
-        inputs = tuple(_at_home(x, home, i, copies) for i, (x, home) in enumerate(zip(inputs, homes)))
+        inputs = tuple(
+            _at_home(x, home, axis, in_place[i], i, copies) for i, (x, home, axis) in enumerate(zip(inputs, homes, in_axes))
+        )
         for i, x in enumerate(inputs):
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed:
                 in_place[i] = x.sharding
@@ -231,15 +233,25 @@ def _misplaced(x: Any, axis: int | None, size: int) -> bool:
     return len(sharding.device_set) != size or tuple(sharding.shard_shape(x.shape)) != one_slice
 
 
-def _at_home(x: Any, home: NamedSharding, i: int, copies: KeptCopies) -> Any:
-    """Input ``i``, ``x``, where ``jax.pmap`` leaves outputs like it; tracers and other placements pass as they are."""
+def _at_home(x: Any, home: NamedSharding, axis: int | None, known: Any, i: int, copies: KeptCopies) -> Any:
+    """Input ``i``, ``x``, where ``jax.pmap`` leaves outputs like it; tracers pass as they are.
+
+    A committed input stays where it is if ``jax.pmap`` takes it there: found
+    in place before (its sharding is ``known``), a broadcast one, or one laid
+    out as ``home``. A mapped input sharded over other devices (another pmap's
+    lanes) or in another order moves: ``jax.pmap`` would run on its buffers
+    where they are, and XLA crashes.
+    """
     if isinstance(x, jax.core.Tracer):
         return x
     if not isinstance(x, jax.Array):
         return jax.device_put(x, home)  # a NumPy array may change in place: sent every call
     refuse_deleted("statemap.pmap", x)
     if x.committed:
-        return x
+        sharding = x.sharding
+        if sharding is known or axis is None or sharding.is_equivalent_to(home, x.ndim):
+            return x
+        return jax.device_put(x, home)
     kept = copies.get(i, x)
     return kept if kept is not None else copies.put(i, x, jax.device_put(x, home))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jax_internals import default_prng_impl
 from ._state import State
 
 __all__ = ["RandomState", "is_key", "to_key"]
@@ -18,30 +20,46 @@ Shape = int | Sequence[int]
 
 
 def is_key(value: Any) -> bool:
-    """Whether ``value`` is a typed key or a legacy ``uint32[2]`` key."""
+    """Whether ``value`` is a typed key or a legacy key (raw ``uint32`` words of the default implementation)."""
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         return False
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return np.shape(value) == ()
-    return dtype == jnp.uint32 and np.shape(value) == (2,)
+    return dtype == jnp.uint32 and np.shape(value) == legacy_shape()
 
 
-def to_key(owner: str, seed_or_key: Any, typed: bool = False) -> Any:
-    """Turn a seed (int or None) or a key into a key, naming ``owner`` in errors."""
-    if seed_or_key is None and not typed:
+def legacy_shape() -> tuple[int, ...]:
+    """The shape of a legacy key (``jax.random.PRNGKey``) under JAX's default PRNG implementation."""
+    return _legacy_shape(default_prng_impl())
+
+
+@functools.cache
+def _legacy_shape(impl: str) -> tuple[int, ...]:
+    # Abstract: neither makes a key nor starts JAX's backend.
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape)
+
+
+def to_key(owner: str, seed_or_key: Any, impl: Any = None) -> Any:
+    """Turn a seed (int or None) or a key into a key, naming ``owner`` in errors.
+
+    A seed makes a legacy key, or with ``impl`` (a ``jax.random.key_impl``) a typed one.
+    """
+    if seed_or_key is None and impl is None:
         # A legacy key built on the host, so that creating a RandomState (and
         # importing statemap.random) does not start JAX's backend.
-        return np.array([0, secrets.randbits(31)], dtype=np.uint32)
+        words = np.zeros(legacy_shape(), dtype=np.uint32)
+        words[-1] = secrets.randbits(31)
+        return words
     if seed_or_key is None:
         seed_or_key = secrets.randbits(31)
     if isinstance(seed_or_key, (int, np.integer)) and not isinstance(seed_or_key, bool):
-        return jax.random.key(seed_or_key) if typed else jax.random.PRNGKey(seed_or_key)
+        return jax.random.key(seed_or_key, impl=impl) if impl is not None else jax.random.PRNGKey(seed_or_key)
     if is_key(seed_or_key):
         return jnp.asarray(seed_or_key)
     raise TypeError(
         f"statemap.{owner}: `seed_or_key` must be an int seed, None, a typed key "
-        f"(`jax.random.key(0)`) or a legacy uint32[2] key (`jax.random.PRNGKey(0)`), "
+        f"(`jax.random.key(0)`) or a legacy uint32{list(legacy_shape())} key (`jax.random.PRNGKey(0)`), "
         f"got {_kind(seed_or_key)}: {seed_or_key!r}."
     )
 
@@ -74,8 +92,8 @@ class RandomState(State):
 
     Args:
       seed_or_key: an int seed, a typed key (``jax.random.key``), a legacy
-        ``uint32[2]`` key (``jax.random.PRNGKey``), or None for a fresh seed
-        from the operating system.
+        key (``jax.random.PRNGKey``: ``uint32[2]`` under the default threefry
+        implementation), or None for a fresh seed from the operating system.
       tag: optional tag for filters.
       name: optional name for messages and paths.
 
@@ -108,7 +126,7 @@ class RandomState(State):
           True
         """
         typed = jax.dtypes.issubdtype(self.value.dtype, jax.dtypes.prng_key)
-        self.value = to_key("RandomState.seed", seed_or_key, typed)
+        self.value = to_key("RandomState.seed", seed_or_key, jax.random.key_impl(self.value) if typed else None)
 
     def next_key(self) -> jax.Array:
         """Return a fresh key and advance the state.

@@ -245,3 +245,51 @@ def test_an_interrupt_at_any_line_never_leaves_a_deleted_buffer(kind):
             np.testing.assert_allclose(np.asarray(h.value), oracle_h(before[0], 0.5, 1.0, calls), rtol=1e-6)
 
     in_a_thread_of_its_own(sweep)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_host_callback_failing_on_a_warm_call_leaves_the_written_states(kind):
+    """``jax.pure_callback`` has no effects, yet fails after dispatch: nothing is donated to it."""
+    h, count, w = family()
+    fail = [False]
+
+    def host(x):
+        if fail[0]:
+            raise RuntimeError("host failure")
+        return x
+
+    def step(x):
+        h.value = h.value * w.value + x
+        count.value = count.value + 1
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(x.shape, x.dtype), x, vmap_method="sequential")
+
+    mapping = transformed(kind, step)
+    x = jnp.ones((N, 3), jnp.float32)
+    for _ in range(2):
+        run(mapping, x)
+    before = np.asarray(h.value), int(count.value)
+    fail[0] = True
+    with pytest.raises(Exception, match="host failure"):
+        run(mapping, x)
+    np.testing.assert_array_equal(np.asarray(h.value), before[0])
+    assert int(count.value) == before[1]
+
+
+@pytest.mark.parametrize("kind", ["vmap", "jit"])
+def test_under_debug_nans_a_nan_raises_and_leaves_the_written_states(kind):
+    """JAX runs the function again on its inputs to find the NaN: nothing is donated then."""
+    h, count, w = family()
+    mapping = transformed(kind, lambda x: setattr(h, "value", jnp.log(h.value * x)) or x.sum())
+    x = jnp.ones((N, 3), jnp.float32)
+    for _ in range(2):
+        run(mapping, x)  # log(0.5 * 1) and again: finite
+    before = np.asarray(h.value)
+    jax.config.update("jax_debug_nans", True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX says it calls the de-optimized version
+            with pytest.raises(FloatingPointError):
+                run(mapping, -x)
+    finally:
+        jax.config.update("jax_debug_nans", False)
+    np.testing.assert_array_equal(np.asarray(h.value), before)

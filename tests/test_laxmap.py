@@ -367,3 +367,11 @@ def test_public_names():
     assert isinstance(statemap.LaxMapMapping(lambda x: x), statemap.StatefulMapping)
     assert statemap.LaxMapMapping.__doc__ and statemap.map.__doc__
     assert "LaxMapMapping" in statemap.__all__ and "map" in statemap.__all__
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2])
+def test_an_empty_axis_gives_empty_outputs_as_jax_lax_map(batch_size):
+    total = statemap.State(jnp.zeros(3), name="total")
+    xs = jnp.zeros((0, 3))
+    out = statemap.map(lambda x: x + total.value, xs, batch_size=batch_size)
+    assert out.shape == jax.lax.map(lambda x: x + 1.0, xs).shape == (0, 3)

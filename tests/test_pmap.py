@@ -995,3 +995,26 @@ def test_state_values_stay_on_the_devices():
     statemap.pmap(bump, devices=devs, state_in_axes=statemap.HiddenState)()
     assert set(s.value.devices()) == set(devs)
     assert_tree_allclose(s.value, jnp.ones((4, 2)))
+
+
+def test_a_split_state_moves_between_pmaps_over_other_devices_and_orders():
+    """Another pmap's lanes (same count, other devices or order) are not this one's: the state moves."""
+    devices = jax.devices()
+    h = statemap.HiddenState(jnp.zeros((4, 2)), name="h")
+
+    def bump(x):
+        h.value = h.value + x * jax.lax.axis_index("d")
+        return h.value.sum()
+
+    mappings = [
+        statemap.pmap(bump, "d", devices=lanes, state_in_axes=statemap.HiddenState)
+        for lanes in (devices[4:8], devices[0:4], devices[0:4][::-1])
+    ]
+    expected = np.zeros((4, 2))
+    for _ in range(2):  # the second round is warm
+        for m in mappings:
+            out = m(jnp.ones((4, 2)))
+            expected = expected + np.arange(4.0)[:, None]
+            assert_tree_allclose(h.value, expected)
+            assert_tree_allclose(out, expected.sum(axis=1))
+            assert set(h.value.devices()) == set(m.devices)

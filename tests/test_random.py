@@ -357,3 +357,36 @@ def test_unnamed_nested_mappings_of_different_kinds_give_every_lane_its_own_key(
     named = np.asarray(NESTINGS[nesting](draw, "outer", "inner")(x))
     assert len(set(unnamed.ravel().tolist())) == unnamed.size
     np.testing.assert_array_equal(unnamed, named)
+
+
+@pytest.fixture
+def rbg_default():
+    before = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+
+
+def test_legacy_keys_of_another_default_implementation_work_everywhere(rbg_default):
+    """Under ``rbg`` a legacy key is ``uint32[4]``: seeded, given, or fresh."""
+    for rng in (statemap.RandomState(0), statemap.RandomState(jax.random.PRNGKey(0)), statemap.RandomState()):
+        assert rng.value.shape == (4,) and rng.value.dtype == jnp.uint32
+        key = rng.value
+        draws = statemap.vmap(lambda x: x + rng.normal(()))(jnp.zeros(3))
+        base = jax.random.split(key)[1]
+        # Under jax.vmap, as statemap.vmap draws (rbg's bits differ from one key at a time).
+        expected = jax.vmap(lambda i: jax.random.normal(jax.random.split(jax.random.fold_in(base, i))[1], ()))(
+            jnp.arange(3)
+        )
+        np.testing.assert_allclose(draws, expected, rtol=1e-6)
+        assert_same_key(rng.value, jax.random.split(key)[0])
+
+
+def test_seed_keeps_a_typed_keys_implementation():
+    rng = statemap.RandomState(jax.random.key(0, impl="rbg"))
+    first = rng.normal(())
+    rng.seed(0)
+    assert str(rng.value.dtype) == "key<rbg>"
+    assert rng.normal(()) == first
