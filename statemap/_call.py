@@ -306,7 +306,7 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 def infer_static(
-    api: str, fn: Callable[..., Any], static_argnums: Any, static_argnames: Any
+    api: str, fn: Callable[..., Any], static_argnums: Any, static_argnames: Any, argnums_name: str = "static_argnums"
 ) -> tuple[Any, Any]:
     """Complete static argument numbers and names from each other, as ``jax.jit`` does.
 
@@ -331,7 +331,7 @@ def infer_static(
         return tuple(nums), tuple(names)
     positional = [p.name for p in parameters if p.kind in _POSITIONAL]
     by_name = [p.name for p in parameters if p.kind in _BY_NAME]
-    _check_static(api, parameters, nums, names, positional, by_name)
+    _check_static(api, argnums_name, parameters, nums, names, positional, by_name)
     either_way = [n for n in positional if n in by_name]
     more_nums = [positional.index(n) for n in names if n in either_way]
     more_names = [positional[i] for i in nums if -len(positional) <= i < len(positional)]
@@ -344,6 +344,7 @@ _BY_NAME = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_O
 
 def _check_static(
     api: str,
+    argnums_name: str,
     parameters: Sequence[inspect.Parameter],
     nums: Sequence[int],
     names: Sequence[str],
@@ -354,7 +355,7 @@ def _check_static(
     for i in nums:
         if inspect.Parameter.VAR_POSITIONAL not in kinds and not -len(positional) <= i < len(positional):
             raise ValueError(
-                f"{api}: `static_argnums` names argument {i}, but `fn` takes {len(positional)} "
+                f"{api}: `{argnums_name}` names argument {i}, but `fn` takes {len(positional)} "
                 f"positional arguments ({', '.join(positional) or 'none'}). Give the position of one of them."
             )
     for name in names:

@@ -14,7 +14,7 @@ from ._donation import donatable
 from ._plan import Exit, Plan, StateOut
 from ._planner import Decisions, LaneOutputs, make_lane_fn
 from ._state import State
-from ._transform import MISSING, StatefulTransform
+from ._transform import MISSING, StatefulTransform, validate_only
 
 __all__ = ["JitTransform", "jit"]
 
@@ -137,10 +137,7 @@ def jit(
         static_argnums=static_argnums, static_argnames=static_argnames, donate_argnums=donate_argnums
     )
     if fn is MISSING:
-        JitTransform(_validate_only, **keywords)
+        JitTransform(validate_only, **keywords)
         return lambda f: JitTransform(f, **keywords)
     return JitTransform(fn, **keywords)
 
-
-def _validate_only(*args: Any) -> None:
-    """Stands in for the function when ``jit(...)`` checks its arguments before decorating."""

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ._axes import partition_spec
 from ._mapping import MISSING, KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted, shardings_of
+from ._transform import validate_only
 from ._plan import Plan
 from ._policy import PolicyName
 from ._processes import WeakTypes, global_lanes, processes_line
@@ -390,10 +391,7 @@ def pmap(
         unexpected_out_state_mapping=unexpected_out_state_mapping,
     )
     if fn is MISSING:
-        PMapMapping(_validate_only, axis_name, **keywords)
+        PMapMapping(validate_only, axis_name, **keywords)
         return lambda f: PMapMapping(f, axis_name, **keywords)
     return PMapMapping(fn, axis_name, **keywords)
 
-
-def _validate_only(*args: Any) -> None:
-    """Stands in for the function when ``pmap(...)`` checks its arguments before decorating."""

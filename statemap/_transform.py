@@ -13,7 +13,7 @@ from typing import Any, cast
 import jax
 
 from ._cache import PlanCache, shared_plans
-from ._call import Call
+from ._call import Call, infer_static
 from ._catalogue import Decide, LaneRecorder, SizeSources, pass_through
 from ._diagnose import baked_error, diagnosing
 from ._dispatch import RUN_LOCK, dispatch
@@ -27,7 +27,7 @@ from ._state import State, current_watcher, drop_watcher, pop_watcher, push_watc
 from ._writeback import detached
 from .errors import BatchAxisError
 
-__all__ = ["MISSING", "StatefulTransform"]
+__all__ = ["MISSING", "StatefulTransform", "validate_only"]
 
 
 class _Missing:
@@ -37,6 +37,10 @@ class _Missing:
 
 MISSING: Any = _Missing()
 """The default of ``fn`` in ``vmap``/``pmap``/``jit``: without a function they return a decorator."""
+
+
+def validate_only(*args: Any, **kwargs: Any) -> None:
+    """Stands in for the function when a decorator form (``fn`` MISSING) checks its arguments before decorating."""
 
 _COLD: Any = object()  # what ``_warm`` returns when no cached plan can run the call
 _REBUILDS = 2  # retraces of a call whose new plan went stale before its first run
@@ -72,9 +76,10 @@ class StatefulTransform(abc.ABC):
     programs_check_inputs: bool = False
     """Whether plans' programs refuse inputs of other shapes than they were planned for.
 
-    Such a program (a ``jax.jit`` with its sizes fixed, say) runs only for the
-    input signatures it was traced for, and for any other traces again and
-    fails (its lanes see other shapes, or its fixed sizes disagree). If not,
+    Such a program (a ``jax.jit`` of a ``jax.vmap`` with its axis size fixed,
+    say) runs only for the input signatures it was traced for, and for any
+    other traces again and fails (its lanes see other shapes, or the mapped
+    axes disagree with its fixed size). If not,
     every call compares the states' values with the plan; if so, that check
     is left to the program, and repeated calls leave it the arguments too.
     A subclass that builds its own programs (defines ``_map`` or ``_build``)
@@ -96,6 +101,9 @@ class StatefulTransform(abc.ABC):
     ):
         if not callable(fn):
             raise TypeError(f"{self.api}: `fn` must be callable, got {type(fn).__name__}: {fn!r}.")
+        static_argnums, static_argnames = infer_static(
+            self.api, fn, static_argnums, static_argnames, self.static_argnums_name
+        )
         self.fn = fn
         self.static_argnums = _argnums(self.api, self.static_argnums_name, static_argnums)
         self.static_argnames = _argnames(self.api, static_argnames)

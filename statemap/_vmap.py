@@ -7,8 +7,8 @@ from typing import Any, TypeVar, overload
 
 import jax
 
-from ._call import infer_static
 from ._mapping import MISSING, MapSpec, StatefulMapping
+from ._transform import validate_only
 from ._policy import PolicyName
 
 __all__ = ["VMapMapping", "vmap"]
@@ -48,7 +48,6 @@ class VMapMapping(StatefulMapping):
         state_out_axes: Any = None,
         unexpected_out_state_mapping: PolicyName | str = "raise",
     ):
-        static_argnums, static_argnames = infer_static(self.api, fn, static_argnums, static_argnames)
         super().__init__(
             fn,
             in_axes=in_axes,
@@ -209,10 +208,7 @@ def vmap(
         unexpected_out_state_mapping=unexpected_out_state_mapping,
     )
     if fn is MISSING:
-        VMapMapping(_validate_only, **keywords)
+        VMapMapping(validate_only, **keywords)
         return lambda f: VMapMapping(f, **keywords)
     return VMapMapping(fn, **keywords)
 
-
-def _validate_only(*args: Any, **kwargs: Any) -> None:
-    """Stands in for the function when ``vmap(...)`` checks its arguments before decorating."""

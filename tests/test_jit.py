@@ -618,3 +618,20 @@ def test_a_jitted_method_binds_its_instance():
     assert Trainer.step is Trainer.__dict__["step"]
     with pytest.raises(TypeError, match=r"statemap.jit: argument args\[0\] is a Trainer .*mark the argument static"):
         first.unbound(arr(3))
+
+
+@pytest.mark.parametrize("static", [{"static_argnums": 1}, {"static_argnames": "n"}], ids=["by number", "by name"])
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["passed by position", "passed by keyword"])
+def test_a_static_argument_is_static_however_it_is_named_and_passed(static, by_keyword):
+    """As ``jax.jit``: numbers and names complete each other from the signature."""
+    runs = []
+
+    def fill(x, n):
+        runs.append(n)
+        return x + jnp.zeros(n)
+
+    step = statemap.jit(fill, **static)
+    for n in (3, 3, 4):
+        out = step(jnp.float32(1), n=n) if by_keyword else step(jnp.float32(1), n)
+        assert_tree_allclose(out, jnp.ones(n))
+    assert runs == [3, 4]
