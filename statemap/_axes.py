@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ from jax.sharding import PartitionSpec
 
 from ._filters import to_predicate
 from ._state import State, describe
+from ._warn import warn
 
 __all__ = [
     "StateAxes",
@@ -127,14 +127,12 @@ class StateAxes:
             if predicate(path, state):
                 return True, axis
         if state.name in self.bare_tags:
-            warnings.warn(
+            warn(
                 f"{self.api}: `{self.argname}` has the str filter {state.name!r}, which selects "
                 f"states by tag, and the function touches {describe(state)}, whose name (not "
                 f"tag) is {state.name!r}: the filter does not select it. Select it by name with "
                 f"`statemap.filters.PathContains({state.name!r})`, give it `tag={state.name!r}`, "
-                f"or write `statemap.filters.WithTag({state.name!r})` if you mean only the tag.",
-                UserWarning,
-                stacklevel=2,
+                f"or write `statemap.filters.WithTag({state.name!r})` if you mean only the tag."
             )
         return False, None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from ._plan import Plan
 from ._shortcut import Shortcut
 from ._state import State
+from ._warn import warn
 
 __all__ = ["PlanCache", "shared_plans"]
 
@@ -98,14 +98,12 @@ class PlanCache:
         if self._warned:
             return
         self._warned = True
-        warnings.warn(
+        warn(
             f"{self._owner} has seen more than {self._max_signatures} call signatures (argument "
             f"shapes, dtypes and static values); the least recently used plans are dropped and "
             f"will be traced and compiled again. If the signatures repeat, raise the capacity "
             f"(`statemap.StatefulTransform.plan_capacity = n`, before building the transform); "
-            f"if they keep changing (a new batch size every call), pad inputs to a few sizes.",
-            UserWarning,
-            stacklevel=4,
+            f"if they keep changing (a new batch size every call), pad inputs to a few sizes."
         )
 
     def _died(self, _: weakref.ref) -> None:
@@ -127,9 +125,12 @@ class PlanCache:
 # a transform rebuilt around the same function with the same options (the
 # ``statemap.vmap(f)(x)``-inside-a-step idiom) reuses the earlier one's plans,
 # as ``jax.jit(f)`` does. Identity, not equality: two objects that compare
-# equal may close over different states.
-_SHARED: dict[int, dict[Hashable, PlanCache]] = {}
+# equal may close over different states. A function keeps the caches of its
+# last ``OPTIONS_PER_FUNCTION`` sets of options (a filter naming a new state
+# each step is a new set): older ones go with their plans.
+_SHARED: dict[int, collections.OrderedDict[Hashable, PlanCache]] = {}
 _SHARED_LOCK = threading.Lock()  # two threads building the same transform get one cache
+OPTIONS_PER_FUNCTION = 16
 
 
 def shared_plans(fn: Callable[..., Any], options: Hashable, make: Callable[[], PlanCache]) -> PlanCache:
@@ -140,10 +141,13 @@ def shared_plans(fn: Callable[..., Any], options: Hashable, make: Callable[[], P
             hash(options)
             if by_options is None:
                 weakref.finalize(fn, _SHARED.pop, id(fn), None)
-                by_options = _SHARED[id(fn)] = {}
+                by_options = _SHARED[id(fn)] = collections.OrderedDict()
         except TypeError:  # unhashable options, or a function without weak references
             return make()
         cache = by_options.get(options)
         if cache is None:
             cache = by_options[options] = make()
+            while len(by_options) > OPTIONS_PER_FUNCTION:
+                by_options.popitem(last=False)
+        by_options.move_to_end(options)
         return cache

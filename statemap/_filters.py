@@ -9,6 +9,7 @@ from types import EllipsisType
 
 import attrs
 
+from ._identity import IsState
 from ._state import State
 
 __all__ = [
@@ -150,11 +151,6 @@ def _to_predicate(filter: Filter) -> Predicate:
     return to_predicate(filter)  # defined below; looked up when called
 
 
-def _unique(states: Iterable[State]) -> tuple[State, ...]:
-    """``states`` without repeats, by identity: a State subclass may define ``__eq__``."""
-    return tuple({id(state): state for state in states}.values())
-
-
 def _predicates(filters: tuple[Filter, ...]) -> tuple[Predicate, ...]:
     return tuple(to_predicate(f) for f in filters)
 
@@ -291,22 +287,7 @@ class Nothing:
         return False
 
 
-@attrs.frozen
-class _IsState:
-    """Selects exactly the given states, by identity (a state is not a value)."""
-
-    states: tuple[State, ...] = attrs.field(converter=_unique, eq=False)
-    _ids: frozenset[int] = attrs.field(init=False, repr=False)  # equal filters select the same objects
-
-    @_ids.default
-    def _ids_of_states(self) -> frozenset[int]:
-        return frozenset(map(id, self.states))
-
-    def __call__(self, path: tuple[typing.Any, ...], state: State) -> bool:
-        return id(state) in self._ids
-
-
-def _only_states(filter: Iterable[typing.Any]) -> _IsState:
+def _only_states(filter: Iterable[typing.Any]) -> IsState:
     """The identity filter of an iterable other than a list or tuple, which must hold only States."""
     try:
         items = tuple(filter)
@@ -322,12 +303,12 @@ def _only_states(filter: Iterable[typing.Any]) -> _IsState:
                 f"this {kind} may hold only States, but it holds {_describe(item)}. "
                 f"Combine filters in a list or tuple instead, e.g. `[statemap.ParamState, 'tag']`."
             )
-    return _IsState(items)
+    return IsState(items)
 
 
 def _from_sequence(filter: list[typing.Any] | tuple[typing.Any, ...]) -> Predicate:
     if filter and all(isinstance(item, State) for item in filter):
-        return _IsState(filter)
+        return IsState(filter)
     return Any(*filter)
 
 
@@ -378,7 +359,7 @@ def to_predicate(filter: Filter) -> Predicate:
     if isinstance(filter, str):
         return WithTag(filter)
     if isinstance(filter, State):
-        return _IsState((filter,))
+        return IsState((filter,))
     if isinstance(filter, (list, tuple)):
         return _from_sequence(filter)
     if callable(filter):

@@ -1,14 +1,19 @@
-"""A dict keyed by object identity: a State is an identity, whatever its ``__eq__``."""
+"""Identity, not equality: a dict and a state filter keyed on objects, whatever their ``__eq__``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
-from typing import Generic, TypeVar
+import typing
+import weakref
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._state import State
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-__all__ = ["IdentityDict"]
+__all__ = ["IdentityDict", "IsState"]
 
 
 class IdentityDict(MutableMapping[K, V], Generic[K, V]):
@@ -43,3 +48,41 @@ class IdentityDict(MutableMapping[K, V], Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"IdentityDict({list(self._items.values())!r})"
+
+
+class IsState:
+    """Selects exactly the given states, by identity (a state is not a value).
+
+    It holds them weakly: a mapping's options, which key the plans shared by
+    mappings of one function (see ``_cache.py``), keep no state alive. A state
+    that died is selected no more, not even by a new one at its address.
+    """
+
+    __slots__ = ("_refs", "_ids")
+
+    def __init__(self, states: Iterable[State]):
+        self._refs = {id(state): weakref.ref(state) for state in _unique(states)}
+        self._ids = frozenset(self._refs)
+
+    @property
+    def states(self) -> tuple[State, ...]:
+        """The selected states still alive."""
+        return tuple(s for s in (ref() for ref in self._refs.values()) if s is not None)
+
+    def __call__(self, path: tuple[typing.Any, ...], state: State) -> bool:
+        ref = self._refs.get(id(state))
+        return ref is not None and ref() is state
+
+    def __eq__(self, other: object) -> bool:  # equal filters select the same objects
+        return isinstance(other, IsState) and self._ids == other._ids
+
+    def __hash__(self) -> int:
+        return hash(self._ids)
+
+    def __repr__(self) -> str:
+        return f"IsState(states={self.states!r})"
+
+
+def _unique(states: Iterable[State]) -> tuple[State, ...]:
+    """``states`` without repeats, by identity: a State subclass may define ``__eq__``."""
+    return tuple({id(state): state for state in states}.values())

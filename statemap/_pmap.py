@@ -238,10 +238,10 @@ def _at_home(x: Any, home: NamedSharding, axis: int | None, known: Any, i: int, 
     """Input ``i``, ``x``, where ``jax.pmap`` leaves outputs like it; tracers pass as they are.
 
     A committed input stays where it is if ``jax.pmap`` takes it there: found
-    in place before (its sharding is ``known``), a broadcast one, or one laid
-    out as ``home``. A mapped input sharded over other devices (another pmap's
-    lanes) or in another order moves: ``jax.pmap`` would run on its buffers
-    where they are, and XLA crashes.
+    in place before (its sharding is ``known``), laid out as ``home``, or a
+    broadcast one on a single device. One spread over other devices (another
+    pmap's lanes, another mesh) or in another order moves: ``jax.pmap`` would
+    run on its buffers where they are, and XLA crashes.
     """
     if isinstance(x, jax.core.Tracer):
         return x
@@ -250,7 +250,8 @@ def _at_home(x: Any, home: NamedSharding, axis: int | None, known: Any, i: int, 
     refuse_deleted("statemap.pmap", x)
     if x.committed:
         sharding = x.sharding
-        if sharding is known or axis is None or sharding.is_equivalent_to(home, x.ndim):
+        single = axis is None and len(sharding.device_set) == 1
+        if sharding is known or single or sharding.is_equivalent_to(home, x.ndim):
             return x
         return jax.device_put(x, home)
     kept = copies.get(i, x)

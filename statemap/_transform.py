@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import functools
 import types
-import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
@@ -24,6 +23,7 @@ from ._plan import TRUSTED, Plan, StalePlan, shapes_of
 from ._planner import Decisions, LaneOutputs, collect_outputs
 from ._shortcut import MISS, Shortcut
 from ._state import State, current_watcher, drop_watcher, pop_watcher, push_watcher, read_through
+from ._warn import warn
 from ._writeback import detached
 from .errors import BatchAxisError
 
@@ -358,7 +358,7 @@ class StatefulTransform(abc.ABC):
         if watcher is None and plan.refs and not outside and under_staging_trace():
             raise baked_error(self.api, cast(State, plan.refs[0]()))
         for message in plan.warnings:
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warn(message)
         return dispatch(self.api, plan, call.leaves, values, made, watcher, outside)
 
 def _argnums(api: str, argname: str, argnums: Any) -> tuple[int, ...]:

@@ -211,3 +211,16 @@ def test_explain_titles_a_partial_with_the_wrapped_function_name():
     mapping = statemap.vmap(functools.partial(scale, k=2.0))
     assert mapping.__name__ == "scale"
     assert str(mapping.explain(arr(3))).startswith("statemap.vmap plan for scale: 3 lanes")
+
+
+def test_warnings_name_the_users_line():
+    """Under Python's default filters a warning shows once per line it names: the user's, not statemap's."""
+    s = statemap.State(jnp.zeros(4), name="s")
+    stacked = statemap.vmap(lambda x: setattr(s, "value", x) or x, unexpected_out_state_mapping="warn")
+    with pytest.warns(UserWarning, match="was written with a value that varies") as record:
+        stacked(arr(4, 4))
+    assert record[0].filename == __file__
+    tag = statemap.State(arr(3), name="h")
+    with pytest.warns(UserWarning, match="str filter 'h'") as record:
+        statemap.vmap(lambda x: tag.value + x, state_in_axes="h")(arr(2))
+    assert record[0].filename == __file__

@@ -304,3 +304,22 @@ def test_mappings_built_and_dropped_in_a_loop_do_not_grow_memory():
     # the earlier one, so the loop traces once.
     _, kept = build_and_drop_mappings(50)
     assert kept < 8 * 1024, f"{kept / 1024:.1f} KiB kept per traced mapping"
+
+
+def _scale(x):
+    return x * 2.0
+
+
+def test_inline_mappings_naming_new_states_keep_none_alive():
+    """A filter naming a state, in a mapping rebuilt each step with a new state, keeps no state or plan alive."""
+    import statemap._cache as cache
+
+    dead = []
+    for step in range(3 * cache.OPTIONS_PER_FUNCTION):
+        h = statemap.HiddenState(jnp.full((4, 2), float(step)), name="h")
+        statemap.vmap(_scale, state_in_axes={0: h})(h.value)
+        dead.append(weakref.ref(h))
+        del h
+    gc.collect()
+    assert not any(ref() is not None for ref in dead[:-1])
+    assert len(cache._SHARED[id(_scale)]) <= cache.OPTIONS_PER_FUNCTION

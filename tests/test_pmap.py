@@ -1018,3 +1018,26 @@ def test_a_split_state_moves_between_pmaps_over_other_devices_and_orders():
             assert_tree_allclose(h.value, expected)
             assert_tree_allclose(out, expected.sum(axis=1))
             assert set(h.value.devices()) == set(m.devices)
+
+
+def test_a_broadcast_state_moves_between_pmaps_and_meshes_over_other_devices():
+    """Replicated over another pmap's lanes or another mesh, a shared state is not where jax.pmap reads it."""
+    devices = jax.devices()
+    total = statemap.State(jnp.zeros(3), name="total")
+
+    def add(x):
+        total.value = total.value + jax.lax.psum(x, "d")
+        return x
+
+    first = statemap.pmap(add, "d", devices=devices[0:4])
+    second = statemap.pmap(add, "d", devices=devices[4:8])
+    other_mesh = statemap.shard_map(add, "d", devices=devices[2:6])
+    expected = 0.0
+    for _ in range(2):  # the second round is warm
+        for m in (first, second, other_mesh):
+            m(jnp.ones((4, 3)))
+            expected += 4.0
+            assert_tree_allclose(total.value, jnp.full(3, expected))
+    total.value = jax.device_put(total.value, devices[7])  # one device, outside the lanes
+    first(jnp.ones((4, 3)))
+    assert_tree_allclose(total.value, jnp.full(3, expected + 4.0))
