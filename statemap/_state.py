@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ class _Watchers(threading.local):
 
 
 _watchers = _Watchers()
+_created = itertools.count()  # each State's place in creation order
 
 
 def push_watcher(watcher: Watcher) -> Watcher | None:
@@ -144,7 +146,7 @@ class State:
       Array([1., 1., 1.], dtype=float32)
     """
 
-    __slots__ = ("_value", "tag", "name", "__weakref__")
+    __slots__ = ("_value", "tag", "name", "_order", "__weakref__")
 
     def __init__(self, value: Any, *, tag: str | None = None, name: str | None = None):
         kind = type(self).__name__
@@ -158,9 +160,17 @@ class State:
         self._value = value
         self.tag = tag
         self.name = name
+        self._order = next(_created)
         watcher = _watchers.top
         if watcher is not None:
             watcher.created(self)
+
+    def __lt__(self, other: object) -> bool:
+        # States order by creation, so a dict keyed by states (``statemap.grad``'s
+        # gradients) is a pytree: JAX sorts dict keys when it flattens one.
+        if not isinstance(other, State):
+            return NotImplemented
+        return self._order < other._order
 
     @property
     def value(self) -> Any:

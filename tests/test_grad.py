@@ -711,3 +711,26 @@ def test_a_custom_jvp_function_given_the_state_as_an_argument_differentiates_it(
     x = jnp.ones(3)
     got = statemap.grad(lambda x: softplus(x, beta.value).sum(), beta)(x)
     np.testing.assert_allclose(got, jax.grad(lambda b: _softplus_of(x, b).sum())(2.0), rtol=1e-6)
+
+
+def test_the_gradient_dict_of_a_filter_leaves_a_mapping_and_jit():
+    """``{State: gradient}`` is a pytree (states order by creation): per-member gradients of an ensemble."""
+    w = statemap.ParamState(jnp.arange(6.0).reshape(3, 2), name="w")
+    b = statemap.ParamState(jnp.ones(3), name="b")
+
+    def loss(x):
+        return ((w.value * x).sum() + b.value) ** 2
+
+    def oracle(wi, bi, x):
+        return jax.grad(lambda wb: ((wb[0] * x).sum() + wb[1]) ** 2)((wi, bi))
+
+    x = jnp.ones(2)
+    per_member = statemap.vmap(lambda: statemap.grad(lambda: loss(x), statemap.ParamState)(), axis_size=3,
+                               state_in_axes=statemap.ParamState)()
+    want_w, want_b = jax.vmap(oracle, in_axes=(0, 0, None))(w.value, b.value, x)
+    assert list(per_member) == [w, b]
+    assert_tree_allclose(per_member[w], want_w)
+    assert_tree_allclose(per_member[b], want_b)
+    whole = statemap.jit(lambda: statemap.grad(lambda: loss(x).sum(), statemap.ParamState)())()
+    assert set(whole) == {w, b}
+    assert_tree_allclose(whole[b], jax.grad(lambda bv: (((w.value * x).sum() + bv) ** 2).sum())(b.value))
