@@ -115,15 +115,22 @@ def _fresh(value: jax.Array) -> jax.Array:
     """A copy of ``value`` that the program may consume.
 
     Both copies keep the sharding and whether the value is committed to it, so
-    the copy hits the same compiled program. The compiled copy takes a few
-    microseconds where ``device_put`` takes tens, which counts when a loop
-    keeps every step's state (``trace.append(h.value)``); a value spread over
-    several processes is copied by ``device_put``, which needs no other
-    process to take part.
+    the copy hits the same compiled program. The first copy of a kind of value
+    is made by ``device_put``, which compiles nothing; from the second on, by
+    a compiled copy, a few microseconds where ``device_put`` takes tens, which
+    counts when a loop keeps every step's state (``trace.append(h.value)``).
+    A value spread over several processes is always copied by ``device_put``,
+    which needs no other process to take part.
     """
     if value.is_fully_addressable:
-        return _copy(value)
+        kind = (value.shape, value.dtype, value.weak_type, value.sharding)
+        if kind in _COPIED:
+            return _copy(value)
+        _COPIED.add(kind)
     return jax.device_put(value, may_alias=False)
+
+
+_COPIED: set[tuple[Any, ...]] = set()  # the kinds of values copied once already
 
 
 @jax.jit
