@@ -116,8 +116,8 @@ def decide_outputs(
     _check_user_outputs(api, batched, len(user_axes))
     refused: list[tuple[State, str]] = []
     warned: list[str] = []
-    outs = _leave(api, plans, len(user_axes), batched, policy, out_axes, refused, warned)
-    made = _leave(api, created, len(user_axes) + sum(n for _, _, n, _, _ in plans), batched, policy, out_axes, refused, warned)
+    outs, pos = _leave(api, plans, len(user_axes), batched, policy, out_axes, refused, warned)
+    made, _ = _leave(api, created, pos, batched, policy, out_axes, refused, warned)
     advanced = []
     for state, entry in recorder.inputs.items():
         if entry.entry is Entry.LANE_KEY:
@@ -139,8 +139,8 @@ def _leave(
     out_axes: list[int | None],
     refused: list[tuple[State, str]],
     warned: list[str],
-) -> list[StateOut]:
-    """How each of ``plans`` (from output position ``pos``) leaves, now that ``batched`` is known."""
+) -> tuple[list[StateOut], int]:
+    """How each of ``plans`` (from output position ``pos``) leaves, now that ``batched`` is known; and the next position."""
     outs = []
     for state, treedef, n, kind, where in plans:
         varies = any(i in batched for i in range(pos, pos + n))
@@ -153,7 +153,7 @@ def _leave(
             refused.append((state, kind))
         outs.append(StateOut(weakref.ref(state), exit, axis, treedef, n))
         pos += n
-    return outs
+    return outs, pos
 
 
 def _place_made(
