@@ -99,8 +99,7 @@ def _refine(
         states = plan.states() or []
         raise ValueError(f"{api}: incompatible devices: {_placement(leaves, states, values)}") from err
     if refused_devices(err):
-        states = plan.states() or []
-        where = "; ".join(f"{describe(s)} is on device(s) {_devices(v)}" for s, v in zip(states, values))
+        where = _where(plan.states() or [], values)
         raise ValueError(
             f"{api}: the program runs on other devices than the values it was given ({where}; JAX's "
             f"message below names the program's devices). A mapping called on its own moves the states "
@@ -125,11 +124,14 @@ def _committed_apart(inputs: Sequence[Any]) -> bool:
 
 def _placement(leaves: Sequence[Any], states: Sequence[State], values: Sequence[Any]) -> str:
     """Where the arguments and each input state live, for a devices error."""
-    where = [f"{describe(s)} is on device(s) {_devices(v)}" for s, v in zip(states, values)]
     return (
-        f"the arguments are on device(s) {_devices(leaves)}; " + "; ".join(where) + ". Move a "
+        f"the arguments are on device(s) {_devices(leaves)}; {_where(states, values)}. Move a "
         "state next to the arguments with `state.value = jax.device_put(state.value, device)`."
     )
+
+
+def _where(states: Sequence[State], values: Sequence[Any]) -> str:
+    return "; ".join(f"{describe(s)} is on device(s) {_devices(v)}" for s, v in zip(states, values))
 
 
 def _devices(tree: Any) -> list[int]:

@@ -41,11 +41,10 @@ def donatable(
     Nothing is donated by a program with effects or host callbacks (they can
     fail after dispatch, and a failed call must keep the old values), nor
     under ``jax_debug_nans``/``jax_debug_infs`` (a NaN runs the function
-    again on its inputs), nor by one
-    planned inside a JAX transform (plans are keyed by that, see ``Call``):
-    there the old buffers may be the transform's own inputs (``jax.grad``
-    keeps its primal values), and a batched output would leave the donation
-    unusable and JAX warn about it.
+    again on its inputs), nor by one planned inside a JAX transform (plans
+    are keyed by that, see ``Call``): there the old buffers may be the
+    transform's own inputs (``jax.grad`` keeps its primal values), and a
+    batched output would leave the donation unusable and JAX warn about it.
     """
     if lane.has_effects or not call.outside or checking_numerics():
         return ()

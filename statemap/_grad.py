@@ -189,9 +189,9 @@ def _refuse_closed_over(api: str, body: Body, chosen: Sequence[State]) -> None:
 
     if not chosen or reading(chosen) is None:
         return
-    state = next(s for s in chosen if reading([s]) is not None)
+    state, function = next((s, f) for s in chosen if (f := reading([s])) is not None)
     raise TypeError(
-        f"{api}: the jax.custom_jvp function {reading([state])!r} reads {describe(state)} (or a value "
+        f"{api}: the jax.custom_jvp function {function!r} reads {describe(state)} (or a value "
         f"computed from it) without taking it as an argument. Its JVP rule gives tangents for its "
         f"arguments only, so JAX would take the gradient with respect to {label(state)} through it as "
         f"zero. Pass the value as an argument of the custom_jvp function (`f(x, state.value)`) and "

@@ -12,10 +12,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from ._axes import partition_spec
 from ._mapping import MISSING, KeptCopies, MapSpec, StatefulMapping, all_in_place, refuse_deleted, shardings_of
-from ._transform import validate_only
 from ._plan import Plan
 from ._policy import PolicyName
 from ._processes import WeakTypes, global_lanes, processes_line
+from ._transform import validate_only
 
 __all__ = ["PMapMapping", "pmap"]
 

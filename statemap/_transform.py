@@ -42,6 +42,7 @@ MISSING: Any = _Missing()
 def validate_only(*args: Any, **kwargs: Any) -> None:
     """Stands in for the function when a decorator form (``fn`` MISSING) checks its arguments before decorating."""
 
+
 _COLD: Any = object()  # what ``_warm`` returns when no cached plan can run the call
 _REBUILDS = 2  # retraces of a call whose new plan went stale before its first run
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar, overload
 import jax
 
 from ._mapping import MISSING, MapSpec, StatefulMapping
-from ._transform import validate_only
 from ._policy import PolicyName
+from ._transform import validate_only
 
 __all__ = ["VMapMapping", "vmap"]
 
